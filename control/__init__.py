@@ -1,0 +1,1 @@
+"""Control plane: registry, agent composition, HTTP API and CLI."""

@@ -1,0 +1,163 @@
+"""The per-host agent: composes registry -> watch -> RouteTable -> proxy, DNS, iptables.
+
+Start order is chosen so that no connection is ever misrouted: the route table
+is filled from a registry snapshot and the proxy listens before the iptables
+rules appear; on the way out the rules go first, so traffic to VIPs is refused
+(local route) rather than sent to a proxy that is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from aiohttp import web
+
+from consulate import native
+from consulate.control.config import AgentConfig
+from consulate.control.http_api import ApiContext, build_app
+from consulate.control.registry import Change, EmbeddedRegistry, Instance
+from consulate.dns.answer import Responder
+from consulate.dns.server import DnsServer
+from consulate.proxy import iptables, localroute
+from consulate.proxy.server import TransparentProxy
+from consulate.proxy.table import Endpoint, RouteTable
+from consulate.proxy.vip import VipAllocator
+
+log = logging.getLogger("consulate.agent")
+
+VERSION = "0.1.0"
+
+
+def endpoint_of(instance: Instance) -> Endpoint:
+    return Endpoint(service=instance.name, id=instance.id, address=instance.address,
+                    port=instance.port, tags=instance.tags, node=instance.node)
+
+
+def apply_change(table: RouteTable, change: Change) -> None:
+    """Feed one registry change into the route table."""
+    if change.kind == "snapshot":
+        table.replace_all(endpoint_of(i) for i in change.instances)
+    elif change.kind == "up":
+        for instance in change.instances:
+            table.upsert(endpoint_of(instance))
+    else:
+        for instance in change.instances:
+            table.remove(instance.id)
+
+
+def cleanup(config: AgentConfig) -> bool:
+    """Remove every rule, chain and route an agent may have left; True if any was there."""
+    removed_rules = iptables.remove_rules()
+    removed_route = localroute.remove(config.vip_cidr)
+    return removed_rules or removed_route
+
+
+class Agent:
+    """One host's mesh agent; ``run`` serves until ``stop`` is set."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        config.validate()
+        self.config = config
+        self.started_at = time.time()
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+        self.registry = EmbeddedRegistry(config.data_dir / "registry.db")
+        self.table = RouteTable(VipAllocator(config.vip_cidr, config.data_dir / "vips.json"))
+        self.proxy = TransparentProxy(self.table, mark=config.mark,
+                                      connect_timeout=config.connect_timeout)
+        self.dns = DnsServer(Responder(self._vip_of, config.domain))
+        self.ready = False
+
+    def _vip_of(self, name: str) -> Any:
+        service = self.table.service_folded(name)
+        return service.vip if service is not None else None
+
+    async def run(self, stop: asyncio.Event) -> None:
+        async with contextlib.AsyncExitStack() as stack:
+            await self._start(stack)
+            self.ready = True
+            log.info("event=ready node=%s http=%s:%d proxy=%s:%d services=%d", self.config.node,
+                     *self.config.http_addr, *self.config.proxy_addr, len(self.table.services()))
+            await stop.wait()
+            log.info("event=shutdown node=%s", self.config.node)
+
+    async def _start(self, stack: contextlib.AsyncExitStack) -> None:
+        cfg = self.config
+        self.registry.start()
+        stack.push_async_callback(self.registry.close)
+
+        changes = self.registry.watch()
+        apply_change(self.table, await anext(changes))  # the snapshot, before any listener
+        watcher = asyncio.get_running_loop().create_task(self._follow(changes))
+        stack.push_async_callback(_cancel, watcher)
+
+        await self.proxy.start(*cfg.proxy_addr)
+        stack.push_async_callback(self.proxy.close)
+        for host, port in cfg.dns_addrs:
+            await self.dns.listen(host, port)
+        stack.callback(self.dns.close)
+
+        if cfg.iptables:
+            localroute.add(cfg.vip_cidr)
+            stack.callback(localroute.remove, cfg.vip_cidr)
+            iptables.install_rules(iptables.RedirectRules(cfg.vip_cidr, cfg.proxy_addr[1],
+                                                          cfg.mark))
+            stack.callback(iptables.remove_rules)
+
+        runner = web.AppRunner(build_app(self._api_context()), access_log=None)
+        await runner.setup()
+        stack.push_async_callback(runner.cleanup)
+        await web.TCPSite(runner, *cfg.http_addr, reuse_address=True).start()
+        log.info("event=listen component=http address=%s:%d", *cfg.http_addr)
+
+    async def _follow(self, changes: AsyncIterator[Change]) -> None:
+        async for change in changes:
+            apply_change(self.table, change)
+
+    def _api_context(self) -> ApiContext:
+        cfg = self.config
+        return ApiContext(
+            self.registry, node=cfg.node, node_address=cfg.advertise,
+            datacenter=cfg.datacenter, leader=f"{cfg.advertise}:{cfg.http_addr[1]}",
+            self_info=self.self_info,
+        )
+
+    def self_info(self) -> dict[str, Any]:
+        """``GET /v1/agent/self``: Consul's Config and Member blocks plus consulate's Stats."""
+        cfg = self.config
+        caps = native.capabilities()
+        return {
+            "Config": {
+                "Datacenter": cfg.datacenter,
+                "NodeName": cfg.node,
+                "Version": VERSION,
+                "Domain": cfg.domain,
+                "Server": True,
+            },
+            "Member": {"Name": cfg.node, "Addr": cfg.advertise, "Port": cfg.http_addr[1],
+                       "Status": 1},
+            "Stats": {
+                "agent": {"pid": os.getpid(), "ready": self.ready,
+                          "uptime_seconds": round(time.time() - self.started_at, 3)},
+                "routes": {"version": self.table.version,
+                           "services": {s.name: {"vip": str(s.vip),
+                                                 "endpoints": len(s.endpoints)}
+                                        for s in self.table.services()}},
+                "proxy": self.proxy.stats.snapshot(),
+                "relay": {"engine": "python", "native_extension": caps.extension,
+                          "splice_available": caps.splice},
+                "iptables": {"enabled": cfg.iptables, "vip_cidr": cfg.vip_cidr,
+                             "proxy_port": cfg.proxy_addr[1], "mark": hex(cfg.mark)},
+            },
+        }
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

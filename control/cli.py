@@ -1,0 +1,221 @@
+"""``consulate``: the command line. A thin shell over the modules; only ``main`` exits.
+
+Every agent flag can also be set with an environment variable named
+``CONSULATE_<FLAG>`` (``--http-addr`` -> ``CONSULATE_HTTP_ADDR``); ``--help``
+shows each flag's variable and default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from consulate.control.agent import VERSION, Agent, cleanup
+from consulate.control.client import AgentClient, ApiError
+from consulate.control.config import AgentConfig, ConfigError, parse_hostport, parse_mark
+from consulate.control.lab_cli import add_lab_parser
+from consulate.control.service_definition import InvalidDefinition, parse_duration
+
+log = logging.getLogger("consulate")
+
+
+class CliError(Exception):
+    """A user-facing error: printed as one line, exit status 1."""
+
+
+def _env_flag(parser: argparse.ArgumentParser, flag: str, default: str, help: str,
+              **kwargs: Any) -> None:
+    """Add ``flag`` whose default comes from CONSULATE_<FLAG> when set."""
+    env = "CONSULATE_" + flag.lstrip("-").upper().replace("-", "_")
+    parser.add_argument(flag, default=os.environ.get(env, default),
+                        help=f"{help} (env {env}, default {default})", **kwargs)
+
+
+def _env_bool(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true", "yes", "on")
+
+
+def _add_agent(sub: Any) -> None:
+    p = sub.add_parser("agent", help="run the mesh agent on this host (foreground)",
+                       description="Run the per-host mesh agent: registry, route table, "
+                       "transparent proxy, DNS and HTTP API. SIGINT/SIGTERM remove every "
+                       "iptables rule and chain it installed.")
+    defaults = AgentConfig()
+    _env_flag(p, "--node", defaults.node, "this node's name")
+    _env_flag(p, "--datacenter", defaults.datacenter, "datacenter name")
+    _env_flag(p, "--data-dir", str(defaults.data_dir), "where the registry and VIPs persist")
+    _env_flag(p, "--advertise", defaults.advertise, "this host's address for other hosts")
+    _env_flag(p, "--http-addr", "127.0.0.1:8500", "HTTP API listen address")
+    _env_flag(p, "--dns-addr", "127.0.0.1:8600",
+              "DNS listen addresses, comma-separated HOST:PORT")
+    _env_flag(p, "--domain", defaults.domain, "DNS domain served")
+    _env_flag(p, "--proxy-addr", "0.0.0.0:10000", "transparent proxy listen address")
+    _env_flag(p, "--vip-cidr", defaults.vip_cidr, "range service VIPs come from")
+    _env_flag(p, "--mark", hex(defaults.mark), "netfilter mark of the proxy's own connections")
+    _env_flag(p, "--connect-timeout", str(defaults.connect_timeout),
+              "seconds to wait for an endpoint to accept", type=float)
+    p.add_argument("--no-iptables", action="store_true",
+                   default=_env_bool("CONSULATE_NO_IPTABLES"),
+                   help="do not install iptables rules or the VIP route (env "
+                   "CONSULATE_NO_IPTABLES)")
+    p.add_argument("--cleanup", action="store_true",
+                   help="remove the rules, chains and route a previous agent left, then exit")
+    p.set_defaults(func=_cmd_agent)
+
+
+def _agent_config(args: argparse.Namespace) -> AgentConfig:
+    return AgentConfig(
+        node=args.node, datacenter=args.datacenter, data_dir=Path(args.data_dir),
+        advertise=args.advertise, http_addr=parse_hostport("--http-addr", args.http_addr),
+        dns_addrs=[parse_hostport("--dns-addr", a) for a in args.dns_addr.split(",") if a],
+        domain=args.domain, proxy_addr=parse_hostport("--proxy-addr", args.proxy_addr),
+        vip_cidr=args.vip_cidr, mark=parse_mark(args.mark), iptables=not args.no_iptables,
+        connect_timeout=args.connect_timeout,
+    )
+
+
+def _cmd_agent(args: argparse.Namespace) -> int:
+    config = _agent_config(args)
+    if args.cleanup:
+        removed = cleanup(config)
+        print("removed consulate's iptables rules and VIP route" if removed
+              else "nothing to clean up")
+        return 0
+    import uvloop
+
+    async def serve() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await Agent(config).run(stop)
+
+    uvloop.run(serve())
+    return 0
+
+
+def _client(args: argparse.Namespace) -> AgentClient:
+    return AgentClient(args.http_addr)
+
+
+def _add_client_commands(sub: Any) -> None:
+    def client_parser(name: str, help: str, func: Callable[[argparse.Namespace], int]) -> Any:
+        p = sub.add_parser(name, help=help)
+        _env_flag(p, "--http-addr", "127.0.0.1:8500", "the agent's HTTP API")
+        p.set_defaults(func=func)
+        return p
+
+    p = client_parser("register", "register a service instance with the agent", _cmd_register)
+    p.add_argument("name", help="service name")
+    p.add_argument("address", metavar="ADDR:PORT", help="where the instance listens")
+    p.add_argument("--id", help="instance id (default: the service name, as Consul)")
+    p.add_argument("--tag", action="append", default=[], help="a tag (repeatable)")
+    p.add_argument("--meta", action="append", default=[], metavar="KEY=VALUE",
+                   help="a metadata pair (repeatable)")
+    p.add_argument("--ttl", help="liveness TTL such as 10s: the instance expires unless "
+                   "renewed with PUT /v1/agent/check/pass/service:<id>")
+    p = client_parser("deregister", "remove a service instance", _cmd_deregister)
+    p.add_argument("id", help="instance id")
+    client_parser("services", "list services with their instances", _cmd_services)
+
+
+def _cmd_register(args: argparse.Namespace) -> int:
+    host, sep, port = args.address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise CliError(f"address {args.address!r} is not ADDR:PORT (for example 10.0.0.5:80)")
+    meta = {}
+    for pair in args.meta:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise CliError(f"--meta {pair!r} is not KEY=VALUE")
+        meta[key] = value
+    body: dict[str, Any] = {"Name": args.name, "Address": host, "Port": int(port),
+                            "Tags": args.tag, "Meta": meta}
+    if args.id:
+        body["ID"] = args.id
+    if args.ttl:
+        try:
+            parse_duration(args.ttl)
+        except InvalidDefinition as exc:
+            raise CliError(f"--ttl: {exc}") from None
+        body["Check"] = {"TTL": args.ttl}
+    _client(args).request("PUT", "/v1/agent/service/register", body)
+    print(f"registered {body.get('ID', args.name)} ({args.name} at {host}:{port})")
+    return 0
+
+
+def _cmd_deregister(args: argparse.Namespace) -> int:
+    _client(args).request("PUT", f"/v1/agent/service/deregister/{args.id}")
+    print(f"deregistered {args.id}")
+    return 0
+
+
+def _cmd_services(args: argparse.Namespace) -> int:
+    client = _client(args)
+    names = client.request("GET", "/v1/catalog/services")
+    rows = [("SERVICE", "ID", "ADDRESS", "TAGS")]
+    for name in names:
+        for entry in client.request("GET", f"/v1/catalog/service/{name}"):
+            rows.append((name, entry["ServiceID"],
+                         f"{entry['ServiceAddress']}:{entry['ServicePort']}",
+                         ",".join(entry["ServiceTags"])))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+def _add_demo(sub: Any) -> None:
+    p = sub.add_parser("demo", help="build a lab, route by name, fail an instance, tear down")
+    p.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from consulate.control.demo import run_demo
+
+    return run_demo()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="consulate",
+        description="consulate: a per-host routing mesh for containers. Containers reach "
+        "any service by name (web.service.consul), transparently.",
+    )
+    parser.add_argument("--version", action="version", version=f"consulate {VERSION}")
+    parser.add_argument("--log-level", default=os.environ.get("CONSULATE_LOG_LEVEL", "info"),
+                        choices=["debug", "info", "warning", "error"],
+                        help="log verbosity (env CONSULATE_LOG_LEVEL, default info)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_agent(sub)
+    _add_client_commands(sub)
+    add_lab_parser(sub)
+    _add_demo(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s [%(levelname)s] %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return int(args.func(args))
+    except (CliError, ApiError, ConfigError, OSError) as exc:
+        print(f"consulate: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""The registry's data model: service instances and the changes a watch streams."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+
+class RegistryError(Exception):
+    """Base of the errors a registry backend raises to its callers."""
+
+
+class UnknownInstance(RegistryError):
+    """The caller named an instance id the registry does not hold."""
+
+    def __init__(self, instance_id: str) -> None:
+        super().__init__(
+            f"Unknown service ID {instance_id!r}: list registered ids with "
+            "GET /v1/catalog/service/<name> or `consulate services`"
+        )
+        self.instance_id = instance_id
+
+
+@dataclass(frozen=True)
+class Instance:
+    """One running copy of a service, as registered.
+
+    ``ttl`` is liveness in seconds (Discoverd's meaning): without a heartbeat
+    within ``ttl`` the registry removes the instance. ``None`` means it stays
+    until deregistered. Indexes are set by the registry, never by callers.
+    """
+
+    id: str
+    name: str
+    address: str
+    port: int
+    tags: tuple[str, ...] = ()
+    meta: dict[str, str] = field(default_factory=dict)
+    ttl: float | None = None
+    node: str = ""
+    create_index: int = 0
+    modify_index: int = 0
+
+    def indexed(self, create_index: int, modify_index: int) -> Instance:
+        return replace(self, create_index=create_index, modify_index=modify_index)
+
+    def same_registration(self, other: Instance) -> bool:
+        """True when only the indexes differ: re-registering it changes nothing."""
+        return self.indexed(0, 0) == other.indexed(0, 0)
+
+
+ChangeKind = Literal["snapshot", "up", "down"]
+
+
+@dataclass(frozen=True)
+class Change:
+    """One step of a watch.
+
+    ``snapshot`` carries every live instance and replaces what the consumer had
+    (sent first, and again whenever the consumer's index can no longer be replayed);
+    ``up`` carries a registered or updated instance; ``down`` one that left.
+    ``index`` only grows.
+    """
+
+    index: int
+    kind: ChangeKind
+    instances: tuple[Instance, ...]

@@ -1,0 +1,37 @@
+"""Connection counters of the proxy, per service."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass
+class ServiceCounters:
+    """Envoy-like counters for one service (``upstream_cx_*`` in Envoy's names)."""
+
+    connections_total: int = 0  # accepted for this service
+    connections_active: int = 0  # currently relaying
+    connect_failures: int = 0  # upstream connect attempts that failed or timed out
+    rejected: int = 0  # closed at once: no endpoint, or every attempt failed
+    bytes_to_upstream: int = 0
+    bytes_to_client: int = 0
+
+
+class ProxyStats:
+    """All counters of one proxy; ``unrouted`` counts connections to no known VIP."""
+
+    def __init__(self) -> None:
+        self.services: dict[str, ServiceCounters] = {}
+        self.unrouted = 0
+
+    def of(self, service: str) -> ServiceCounters:
+        counters = self.services.get(service)
+        if counters is None:
+            counters = self.services[service] = ServiceCounters()
+        return counters
+
+    def snapshot(self) -> dict[str, object]:
+        return {
+            "unrouted": self.unrouted,
+            "services": {name: asdict(c) for name, c in sorted(self.services.items())},
+        }
