@@ -1,0 +1,207 @@
+"""``consulate demo``: the mesh end to end in a throwaway lab, narrated step by step.
+
+One host runs a real agent; containers c1 and c2 serve HTTP as service ``web``;
+container c3 calls ``http://web.service.consul/`` and sees round-robin answers,
+then keeps getting answers after web-1 dies, because the proxy retries on
+another endpoint. Traffic only goes to the lab's own addresses (PLATFORM.md,
+"The network rule"), and everything is torn down whatever happens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from consulate.control import lab as labs
+from consulate.control.labagent import LabAgent
+
+STEPS = 7
+READY_TIMEOUT = 5.0  # seconds for a backend, or the route table, to become ready
+WGET = ["/usr/bin/wget", "-qO-", "-T", "5", "--tries=1", "--no-proxy"]  # one try: retries are the proxy's job
+URL = "http://web.service.consul/"
+LOG_TAIL = 15
+
+
+class DemoError(RuntimeError):
+    """A step did not do what the demo promises; the message says what was seen."""
+
+
+class Demo:
+    """The lab, agent and backends of one run, so that teardown finds all of them."""
+
+    def __init__(self) -> None:
+        # The name is fixed before anything is built, so teardown can remove
+        # a lab interrupted half-way through being built.
+        self.name = f"{labs.LAB_PREFIX}demo-{os.urandom(3).hex()}"
+        self.work = Path(tempfile.mkdtemp(prefix="consulate-demo-"))
+        self.lab = labs.Lab(self.name, hosts=1, containers=3)
+        self.agent = LabAgent(self.lab, 1, self.work / "data", self.work / "agent.log")
+        self.backends: dict[str, subprocess.Popen[bytes]] = {}
+        self.step = 0
+
+    @contextlib.contextmanager
+    def narrate(self, text: str) -> Iterator[list[str]]:
+        """Print ``[n/7] text... ok (t s)``, then the lines the step collected, indented."""
+        self.step += 1
+        print(f"[{self.step}/{STEPS}] {text}...", end="", flush=True)
+        started = time.monotonic()
+        shown: list[str] = []
+        outcome = "FAILED"
+        try:
+            yield shown
+            outcome = "ok"
+        except KeyboardInterrupt:
+            outcome = "interrupted"
+            raise
+        finally:
+            print(f"  {outcome} ({time.monotonic() - started:.1f} s)")
+            for line in shown:
+                print(f"      {line}")
+
+    def c3(self, argv: list[str]) -> subprocess.CompletedProcess[str]:
+        return self.lab.exec("h1c3", argv, capture_output=True, text=True, timeout=15)
+
+    def call_web(self, times: int, shown: list[str]) -> list[str]:
+        """Call the service from c3 ``times`` times; the backend ids that answered, in order."""
+        answered = []
+        for _ in range(times):
+            done = self.c3([*WGET, URL])
+            if done.returncode != 0:
+                raise DemoError(f"wget {URL} from c3 failed (exit {done.returncode}): "
+                                f"{done.stderr.strip() or 'no output'}")
+            body = done.stdout.strip()
+            shown.append(f"c3$ wget {URL}  ->  {body}")
+            answered.append(next((b for b in self.backends if f"from {b} " in body), body))
+        return answered
+
+    def run(self) -> None:
+        """Steps 1-6; raises DemoError (or whatever broke) at the first failure."""
+        with self.narrate("Building a lab: 1 host, 3 containers (network namespaces, "
+                          "no route out)") as shown:
+            labs.up(1, 3, name=self.name)
+            shown.append(f"lab {self.name}: host h1 {self.lab.host_ip(1)}, containers "
+                         + ", ".join(self.lab.container_ip(1, j) for j in (1, 2, 3)))
+
+        with self.narrate("Starting the consulate agent in h1 (proxy, DNS on "
+                          f"{self.lab.bridge_ip(1)}:53, iptables rules)"):
+            self.agent.data_dir.mkdir()
+            self.agent.start()
+
+        with self.narrate("Starting web servers in c1 and c2, registering them as "
+                          "service 'web'") as shown:
+            for j in (1, 2):
+                backend, ip = f"web-{j}", self.lab.container_ip(1, j)
+                root = self.work / backend
+                root.mkdir()
+                (root / "index.html").write_text(f"hello from {backend} ({ip})\n")
+                self.backends[backend] = self.lab.popen(
+                    f"h1c{j}", ["busybox", "httpd", "-f", "-p", "80", "-h", str(root)],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                self.wait_for(f"{backend} answering on {ip}:80", lambda ip=ip: self.lab.exec(
+                    "h1", [*WGET, "-T", "1", f"http://{ip}/"], capture_output=True,
+                    timeout=5).returncode == 0)
+                self.agent.register("web", backend, ip, 80)
+                shown.append(f"{backend}: busybox httpd in c{j} at {ip}:80, registered")
+            self.wait_for("both endpoints in the agent's route table",
+                          lambda: self.routes().get("endpoints") == 2)
+
+        with self.narrate("Looking up web.service.consul from c3 (its resolv.conf "
+                          "points at the agent)") as shown:
+            done = self.c3(["dig", "+short", "web.service.consul"])
+            answer = done.stdout.strip()
+            shown.append(f"web.service.consul -> {answer or done.stderr.strip()} "
+                         "(the service's virtual IP)")
+            vip = self.routes().get("vip")
+            if answer != vip or ipaddress.ip_address(answer) not in ipaddress.ip_network(
+                    "240.0.0.0/4"):
+                raise DemoError(f"dig answered {answer!r}, expected the VIP {vip} in 240.0.0.0/4")
+
+        with self.narrate(f"Calling {URL} 4 times from c3: the proxy balances "
+                          "round-robin") as shown:
+            answered = self.call_web(4, shown)
+            if set(answered) != {"web-1", "web-2"} or any(
+                    a == b for a, b in zip(answered, answered[1:], strict=False)):
+                raise DemoError(f"answers did not alternate between web-1 and web-2: {answered}")
+
+        with self.narrate("Killing web-1 (still registered), then calling 6 times: "
+                          "every call must still succeed") as shown:
+            dead = self.backends["web-1"]
+            os.kill(dead.pid, signal.SIGKILL)
+            dead.wait(5)
+            failures_before = self.connect_failures()
+            answered = self.call_web(6, shown)
+            if set(answered) != {"web-2"}:
+                raise DemoError(f"expected every answer from web-2, got {answered}")
+            retried = self.connect_failures() - failures_before
+            if retried < 1:
+                raise DemoError("the proxy reports no failed connect to web-1: nothing was retried")
+            shown.append(f"the proxy found web-1 dead {retried} times and retried on web-2; "
+                         "no call failed")
+
+    def wait_for(self, what: str, ready: Any) -> None:
+        """Poll ``ready()`` for at most READY_TIMEOUT seconds: a demo never hangs."""
+        deadline = time.monotonic() + READY_TIMEOUT
+        while not ready():
+            if time.monotonic() > deadline:
+                raise DemoError(f"no {what} after {READY_TIMEOUT:.0f} s")
+            time.sleep(0.05)
+
+    def routes(self) -> dict[str, Any]:
+        """Service web as the agent's route table holds it ({} when absent)."""
+        stats = self.agent.api("GET", "/v1/agent/self")["Stats"]
+        return dict(stats["routes"]["services"].get("web", {}))
+
+    def connect_failures(self) -> int:
+        stats = self.agent.api("GET", "/v1/agent/self")["Stats"]
+        return int(stats["proxy"]["services"].get("web", {}).get("connect_failures", 0))
+
+    def teardown(self) -> None:
+        """Agent first (SIGTERM: it removes its iptables rules), backends, lab, temp files."""
+        with self.narrate("Tearing down: agent, web servers, lab, temporary files"):
+            code = self.agent.stop()
+            for backend in self.backends.values():
+                if backend.poll() is None:
+                    backend.terminate()  # by PID: the Popen's own process
+                    backend.wait(5)
+            labs.down(self.name)
+            shutil.rmtree(self.work, ignore_errors=True)
+            if code != 0:
+                raise DemoError(f"the agent exited with {code} on SIGTERM")
+
+
+def run_demo() -> int:
+    """Run the demo; 0 when every step passed, 1 on a failure, 130 on Ctrl-C."""
+    demo = Demo()
+    failure, status, log_tail = "", 0, ""
+    try:
+        demo.run()
+    except KeyboardInterrupt:
+        failure, status = "interrupted (Ctrl-C)", 130
+    except Exception as exc:  # any failure must be reported, and torn down
+        failure, status = f"at step {demo.step}: {exc}", 1
+        log_tail = "\n".join(demo.agent.log().splitlines()[-LOG_TAIL:])
+    finally:
+        # A second Ctrl-C must not leave namespaces or iptables rules behind.
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            demo.teardown()
+        except Exception as exc:
+            failure, status = failure or f"at step {demo.step}: {exc}", status or 1
+        finally:
+            signal.signal(signal.SIGINT, previous)
+    if not failure:
+        print("demo passed")
+        return 0
+    print(f"demo FAILED {failure}" if status == 1 else f"demo {failure}")
+    if log_tail:
+        print(f"  last lines of the agent's log:\n{log_tail}")
+    return status
