@@ -19,7 +19,7 @@ from typing import Any
 from aiohttp import web
 
 from consulate import native
-from consulate.control.config import AgentConfig
+from consulate.control.config import AgentConfig, ConfigError
 from consulate.control.http_api import ApiContext, build_app
 from consulate.control.registry import Change, EmbeddedRegistry, Instance
 from consulate.dns.answer import Responder
@@ -65,7 +65,14 @@ class Agent:
         config.validate()
         self.config = config
         self.started_at = time.time()
-        config.data_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            config.data_dir.mkdir(parents=True, exist_ok=True)
+            (config.data_dir / ".writable").touch()
+        except OSError as exc:
+            raise ConfigError(
+                f"--data-dir {str(config.data_dir)!r} is not usable ({exc.strerror}): "
+                "choose a writable directory"
+            ) from None
         self.registry = EmbeddedRegistry(config.data_dir / "registry.db")
         self.table = RouteTable(VipAllocator(config.vip_cidr, config.data_dir / "vips.json"))
         self.proxy = TransparentProxy(self.table, mark=config.mark,

@@ -22,6 +22,8 @@ from consulate.control.client import AgentClient, ApiError
 from consulate.control.config import AgentConfig, ConfigError, parse_hostport, parse_mark
 from consulate.control.lab_cli import add_lab_parser
 from consulate.control.service_definition import InvalidDefinition, parse_duration
+from consulate.proxy.iptables import IptablesError
+from consulate.proxy.localroute import LocalRouteError
 
 log = logging.getLogger("consulate")
 
@@ -210,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return int(args.func(args))
-    except (CliError, ApiError, ConfigError, OSError) as exc:
+    except (CliError, ApiError, ConfigError, IptablesError, LocalRouteError, OSError) as exc:
         print(f"consulate: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

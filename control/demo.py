@@ -10,14 +10,16 @@ another endpoint. Traffic only goes to the lab's own addresses (PLATFORM.md,
 from __future__ import annotations
 
 import contextlib
+import functools
 import ipaddress
+import itertools
 import os
 import shutil
 import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +28,15 @@ from consulate.control.labagent import LabAgent
 
 STEPS = 7
 READY_TIMEOUT = 5.0  # seconds for a backend, or the route table, to become ready
-WGET = ["/usr/bin/wget", "-qO-", "-T", "5", "--tries=1", "--no-proxy"]  # one try: retries are the proxy's job
 URL = "http://web.service.consul/"
 LOG_TAIL = 15
+# wget -q prints nothing on failure: its documented exit statuses say what went wrong.
+WGET_EXIT = {4: "network failure", 8: "the server answered with an error"}
+
+
+def _wget(url: str, timeout: int = 5) -> list[str]:
+    """GNU wget with one try: retrying a dead backend is the proxy's job, not wget's."""
+    return ["/usr/bin/wget", "-qO-", "-T", str(timeout), "--tries=1", "--no-proxy", url]
 
 
 class DemoError(RuntimeError):
@@ -47,6 +55,7 @@ class Demo:
         self.agent = LabAgent(self.lab, 1, self.work / "data", self.work / "agent.log")
         self.backends: dict[str, subprocess.Popen[bytes]] = {}
         self.step = 0
+        self.agent_log: list[str] = []  # kept by teardown, which removes the file
 
     @contextlib.contextmanager
     def narrate(self, text: str) -> Iterator[list[str]]:
@@ -68,16 +77,25 @@ class Demo:
                 print(f"      {line}")
 
     def c3(self, argv: list[str]) -> subprocess.CompletedProcess[str]:
-        return self.lab.exec("h1c3", argv, capture_output=True, text=True, timeout=15)
+        """Run argv in container c3, the client, whose resolv.conf points at the agent."""
+        done: subprocess.CompletedProcess[str] = self.lab.exec(
+            "h1c3", argv, capture_output=True, text=True, timeout=15)
+        return done
+
+    def answers(self, ip: str) -> bool:
+        """Whether the web server at ip answers, asked from the host (not through the mesh)."""
+        done = self.lab.exec("h1", _wget(f"http://{ip}/", timeout=1), capture_output=True,
+                             timeout=5)
+        return bool(done.returncode == 0)  # typeshed types returncode as int | Any
 
     def call_web(self, times: int, shown: list[str]) -> list[str]:
         """Call the service from c3 ``times`` times; the backend ids that answered, in order."""
         answered = []
         for _ in range(times):
-            done = self.c3([*WGET, URL])
+            done = self.c3(_wget(URL))
             if done.returncode != 0:
-                raise DemoError(f"wget {URL} from c3 failed (exit {done.returncode}): "
-                                f"{done.stderr.strip() or 'no output'}")
+                why = WGET_EXIT.get(done.returncode, done.stderr.strip() or "no output")
+                raise DemoError(f"wget {URL} from c3 failed (exit {done.returncode}: {why})")
             body = done.stdout.strip()
             shown.append(f"c3$ wget {URL}  ->  {body}")
             answered.append(next((b for b in self.backends if f"from {b} " in body), body))
@@ -106,9 +124,8 @@ class Demo:
                 self.backends[backend] = self.lab.popen(
                     f"h1c{j}", ["busybox", "httpd", "-f", "-p", "80", "-h", str(root)],
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                self.wait_for(f"{backend} answering on {ip}:80", lambda ip=ip: self.lab.exec(
-                    "h1", [*WGET, "-T", "1", f"http://{ip}/"], capture_output=True,
-                    timeout=5).returncode == 0)
+                self.wait_for(f"{backend} answering on {ip}:80",
+                              functools.partial(self.answers, ip))
                 self.agent.register("web", backend, ip, 80)
                 shown.append(f"{backend}: busybox httpd in c{j} at {ip}:80, registered")
             self.wait_for("both endpoints in the agent's route table",
@@ -129,7 +146,7 @@ class Demo:
                           "round-robin") as shown:
             answered = self.call_web(4, shown)
             if set(answered) != {"web-1", "web-2"} or any(
-                    a == b for a, b in zip(answered, answered[1:], strict=False)):
+                    a == b for a, b in itertools.pairwise(answered)):
                 raise DemoError(f"answers did not alternate between web-1 and web-2: {answered}")
 
         with self.narrate("Killing web-1 (still registered), then calling 6 times: "
@@ -147,7 +164,7 @@ class Demo:
             shown.append(f"the proxy found web-1 dead {retried} times and retried on web-2; "
                          "no call failed")
 
-    def wait_for(self, what: str, ready: Any) -> None:
+    def wait_for(self, what: str, ready: Callable[[], bool]) -> None:
         """Poll ``ready()`` for at most READY_TIMEOUT seconds: a demo never hangs."""
         deadline = time.monotonic() + READY_TIMEOUT
         while not ready():
@@ -161,13 +178,16 @@ class Demo:
         return dict(stats["routes"]["services"].get("web", {}))
 
     def connect_failures(self) -> int:
+        """The proxy's failed upstream connects for web: each one was retried elsewhere."""
         stats = self.agent.api("GET", "/v1/agent/self")["Stats"]
         return int(stats["proxy"]["services"].get("web", {}).get("connect_failures", 0))
 
     def teardown(self) -> None:
         """Agent first (SIGTERM: it removes its iptables rules), backends, lab, temp files."""
+        self.step = STEPS - 1  # teardown is the last step, whichever step failed
         with self.narrate("Tearing down: agent, web servers, lab, temporary files"):
             code = self.agent.stop()
+            self.agent_log = self.agent.log().splitlines()[-LOG_TAIL:]
             for backend in self.backends.values():
                 if backend.poll() is None:
                     backend.terminate()  # by PID: the Popen's own process
@@ -181,27 +201,30 @@ class Demo:
 def run_demo() -> int:
     """Run the demo; 0 when every step passed, 1 on a failure, 130 on Ctrl-C."""
     demo = Demo()
-    failure, status, log_tail = "", 0, ""
+    failure, status = "", 0
     try:
         demo.run()
     except KeyboardInterrupt:
         failure, status = "interrupted (Ctrl-C)", 130
     except Exception as exc:  # any failure must be reported, and torn down
         failure, status = f"at step {demo.step}: {exc}", 1
-        log_tail = "\n".join(demo.agent.log().splitlines()[-LOG_TAIL:])
     finally:
         # A second Ctrl-C must not leave namespaces or iptables rules behind.
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
             demo.teardown()
         except Exception as exc:
-            failure, status = failure or f"at step {demo.step}: {exc}", status or 1
+            if not failure:  # the first failure is the one worth reporting
+                failure, status = f"at step {demo.step}: {exc}", 1
         finally:
             signal.signal(signal.SIGINT, previous)
     if not failure:
         print("demo passed")
         return 0
-    print(f"demo FAILED {failure}" if status == 1 else f"demo {failure}")
-    if log_tail:
-        print(f"  last lines of the agent's log:\n{log_tail}")
+    if status == 130:
+        print(f"demo {failure}")
+        return status
+    print(f"demo FAILED {failure}\n  last lines of the agent's log:")
+    for line in demo.agent_log:
+        print(f"      {line}")
     return status

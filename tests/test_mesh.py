@@ -8,11 +8,13 @@ and the server's trailer, sent after the client's EOF, proves the half-close.
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
+from conftest import Peers
 
 from consulate.control.lab import Lab
 from consulate.control.labagent import LabAgent
-from conftest import Peers
 
 pytestmark = pytest.mark.lab
 
@@ -32,7 +34,7 @@ def test_consecutive_connections_alternate_endpoints(web: str, peers: Peers) -> 
     assert [r["ok"] for r in results] == [True] * 6
     ids = [r["id"] for r in results]
     assert set(ids) == {"web-1", "web-2"}
-    assert all(a != b for a, b in zip(ids, ids[1:], strict=False)), ids
+    assert all(a != b for a, b in itertools.pairwise(ids)), ids
 
 
 @pytest.mark.parametrize("size", [1, 64 * 1024, 50 * MiB])

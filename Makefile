@@ -1,0 +1,51 @@
+# consulate: set-up and everyday commands. Run as root on Debian bookworm.
+#   make run    install what is missing, then run the agent in the foreground
+#   make test   install what is missing (plus test tools), lint, run the whole suite
+#   make demo   a self-contained demo in network namespaces
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := .make
+ARGS ?=
+
+# Debian packages the agent, the lab and the tests use.
+APT_PACKAGES := iptables iproute2 dnsutils busybox-static wget util-linux procps \
+	libnetfilter-queue-dev libffi-dev build-essential python3-dev python3-venv
+
+.PHONY: run test demo lint deps clean
+
+run: deps
+	exec $(BIN)/consulate agent $(ARGS)
+
+test: deps lint
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+demo: deps
+	$(BIN)/consulate demo
+
+lint: deps
+	$(BIN)/ruff check .
+
+deps: $(STAMP)/apt $(STAMP)/venv
+
+# apt runs only when a package is missing, so a set-up machine starts at once.
+$(STAMP)/apt: Makefile
+	@missing=$$(for p in $(APT_PACKAGES); do \
+		dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; \
+	done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages: $$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+	@mkdir -p $(STAMP) && touch $@
+
+$(STAMP)/venv: pyproject.toml setup.py native/build.py native/relay.c $(STAMP)/apt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	@mkdir -p $(STAMP) && touch $@
+
+clean:
+	rm -rf $(VENV) $(STAMP) build *.egg-info native/*.so
