@@ -25,8 +25,13 @@ test: deps lint
 demo: deps
 	$(BIN)/consulate demo
 
+# mypy cannot follow setuptools' package-dir mapping, so it checks the package
+# through a tree of symlinks shaped like the installed one.
 lint: deps
 	$(BIN)/ruff check .
+	@mkdir -p $(STAMP)/typecheck/consulate
+	@for p in proxy dns native control; do ln -sfn ../../../$$p $(STAMP)/typecheck/consulate/$$p; done
+	cd $(STAMP)/typecheck && ../../$(BIN)/mypy --config-file ../../pyproject.toml -p consulate
 
 deps: $(STAMP)/apt $(STAMP)/venv
 

@@ -106,8 +106,10 @@ def parse_registration(body: object, *, node: str, default_address: str) -> Inst
         raise InvalidDefinition(f"ID {instance_id!r} must be a string without '/'")
     address = fields.get("address") or default_address
     try:
+        if not isinstance(address, str):  # IPv4Address() would take an int too
+            raise ValueError(address)
         ipaddress.IPv4Address(address)
-    except (ipaddress.AddressValueError, ValueError):
+    except ValueError:
         raise InvalidDefinition(
             f"Address {address!r} is not an IPv4 address: the mesh routes to IPv4 endpoints, "
             "give the instance's IP (or leave Address out to use the agent's)"

@@ -25,7 +25,7 @@ def _probe() -> Capabilities:
     if os.environ.get("CONSULATE_NO_EXTENSIONS", "") not in ("", "0"):
         return Capabilities(extension=False, splice=False)
     try:
-        from consulate.native import _relay
+        from consulate.native import _relay  # type: ignore[attr-defined]
     except ImportError:
         return Capabilities(extension=False, splice=False)
     return Capabilities(extension=True, splice=int(_relay.lib.consulate_splice_probe()) == 0)
