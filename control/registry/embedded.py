@@ -78,6 +78,10 @@ class EmbeddedRegistry:
         self._instances: dict[str, Instance] = {}
         self._expires: dict[str, float] = {}
         self._deadlines: list[tuple[float, str]] = []
+        self._log: deque[Change] = deque(maxlen=CHANGE_LOG_LENGTH)
+        self._changed = asyncio.Condition()
+        self._reaper: asyncio.Task[None] | None = None
+        self._wake_reaper = asyncio.Event()
         for instance_id, body, expires_at in self._db.execute(
             "SELECT id, body, expires_at FROM instances"
         ):
@@ -86,10 +90,6 @@ class EmbeddedRegistry:
                 self._set_deadline(instance_id, expires_at)
         row = self._db.execute("SELECT value FROM state WHERE key = 'index'").fetchone()
         self._index: int = row[0] if row else 0
-        self._log: deque[Change] = deque(maxlen=CHANGE_LOG_LENGTH)
-        self._changed = asyncio.Condition()
-        self._reaper: asyncio.Task[None] | None = None
-        self._wake_reaper = asyncio.Event()
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -163,14 +163,15 @@ class EmbeddedRegistry:
         """Block until the registry index passes ``index`` or ``timeout`` runs out."""
         async with self._changed:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(
-                    self._changed.wait_for(functools.partial(self._passed, index)), timeout
-                )
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a
+                # cancellation that races with the inner wait finishing (gh-86296).
+                async with asyncio.timeout(timeout):
+                    await self._changed.wait_for(functools.partial(self._passed, index))
         return self._index
 
     async def watch(self, since: int = 0) -> AsyncIterator[Change]:
         position = since
-        if not self._can_replay(position):
+        if since <= 0 or not self._can_replay(position):
             snapshot, position = await self.instances()
             yield Change(position, "snapshot", tuple(snapshot))
         while True:
@@ -194,7 +195,7 @@ class EmbeddedRegistry:
         return self._index > index
 
     def _can_replay(self, since: int) -> bool:
-        if since <= 0:
+        if since < 0:
             return False
         if since > self._index:  # the consumer saw a registry that was reset
             return False
@@ -251,4 +252,5 @@ class EmbeddedRegistry:
             delay = self._deadlines[0][0] - now if self._deadlines else 3600.0
             self._wake_reaper.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake_reaper.wait(), timeout=delay)
+                async with asyncio.timeout(delay):
+                    await self._wake_reaper.wait()
