@@ -225,6 +225,12 @@ class Lab:
 
     # -- teardown --------------------------------------------------------------
 
+    def __enter__(self) -> Lab:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.down()
+
     def down(self) -> None:
         """Remove the lab; idempotent and safe on half-built or crashed labs.
 

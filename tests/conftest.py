@@ -71,11 +71,8 @@ class Peers:
 
 @pytest.fixture(scope="module")
 def mesh_lab() -> Iterator[labmod.Lab]:
-    built = labmod.up(hosts=1, containers=5)
-    try:
+    with labmod.up(hosts=1, containers=5) as built:
         yield built
-    finally:
-        built.down()
 
 
 @pytest.fixture(scope="module")

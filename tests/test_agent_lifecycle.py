@@ -24,11 +24,8 @@ pytestmark = pytest.mark.lab
 
 @pytest.fixture
 def host_lab() -> Iterator[labmod.Lab]:
-    built = labmod.up(hosts=1, containers=1)
-    try:
+    with labmod.up(hosts=1, containers=1) as built:
         yield built
-    finally:
-        built.down()
 
 
 def _nat_rules(lab: labmod.Lab) -> str:

@@ -17,16 +17,13 @@ pytestmark = pytest.mark.lab
 
 @pytest.fixture(scope="module")
 def cli_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[labmod.Lab, LabAgent]]:
-    built = labmod.up(hosts=1, containers=1)
     work = tmp_path_factory.mktemp("cli")
-    try:
+    with labmod.up(hosts=1, containers=1) as built:
         agent = LabAgent(built, 1, work / "data", work / "agent.log").start()
         try:
             yield built, agent
         finally:
             agent.stop()
-    finally:
-        built.down()
 
 
 def consulate(lab: labmod.Lab, *args: str) -> subprocess.CompletedProcess[str]:

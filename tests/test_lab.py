@@ -37,11 +37,8 @@ def _assert_gone(name: str) -> None:
 
 @pytest.fixture(scope="module")
 def lab2x2() -> Iterator[lab.Lab]:
-    built = lab.up(hosts=2, containers=2)
-    try:
+    with lab.up(hosts=2, containers=2) as built:
         yield built
-    finally:
-        built.down()
 
 
 @pytest.fixture
