@@ -63,6 +63,8 @@ def _add_agent(sub: Any) -> None:
     _env_flag(p, "--mark", hex(defaults.mark), "netfilter mark of the proxy's own connections")
     _env_flag(p, "--connect-timeout", str(defaults.connect_timeout),
               "seconds to wait for an endpoint to accept", type=float)
+    _env_flag(p, "--relay", defaults.relay,
+              "byte mover: native (C splice engine), python, or auto (native when built)")
     p.add_argument("--no-iptables", action="store_true",
                    default=_env_bool("CONSULATE_NO_IPTABLES"),
                    help="do not install iptables rules or the VIP route (env "
@@ -79,7 +81,7 @@ def _agent_config(args: argparse.Namespace) -> AgentConfig:
         dns_addrs=[parse_hostport("--dns-addr", a) for a in args.dns_addr.split(",") if a],
         domain=args.domain, proxy_addr=parse_hostport("--proxy-addr", args.proxy_addr),
         vip_cidr=args.vip_cidr, mark=parse_mark(args.mark), iptables=not args.no_iptables,
-        connect_timeout=args.connect_timeout,
+        connect_timeout=args.connect_timeout, relay=args.relay,
     )
 
 

@@ -11,6 +11,9 @@ DEFAULT_VIP_CIDR = "240.0.0.0/4"  # Consul's virtual-IP range, never routed on t
 DEFAULT_MARK = 0xC0A  # marks the proxy's upstream sockets so iptables never redirects them
 
 
+RELAYS = ("auto", "native", "python")
+
+
 class ConfigError(ValueError):
     """A flag or variable has a value the agent cannot use; the message names it."""
 
@@ -54,6 +57,7 @@ class AgentConfig:
     mark: int = DEFAULT_MARK
     iptables: bool = True
     connect_timeout: float = 2.0
+    relay: str = "auto"  # native when the extension is built and usable, else python
 
     def validate(self) -> None:
         try:
@@ -68,5 +72,7 @@ class AgentConfig:
             raise ConfigError(f"--advertise {self.advertise!r} is not an IPv4 address") from None
         if not self.domain.endswith("."):
             self.domain += "."
+        if self.relay not in RELAYS:
+            raise ConfigError(f"--relay {self.relay!r} is unknown: use one of {', '.join(RELAYS)}")
         if self.connect_timeout <= 0:
             raise ConfigError(f"--connect-timeout {self.connect_timeout} must be above 0")
