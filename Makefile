@@ -2,6 +2,7 @@
 #   make run    install what is missing, then run the agent in the foreground
 #   make test   install what is missing (plus test tools), lint, run the whole suite
 #   make demo   a self-contained demo in network namespaces
+#   make bench  every benchmark (bench/results/); make bench-tcp: the TCP proxy one only
 
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -9,12 +10,14 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := .make
 ARGS ?=
+BENCH_ARGS ?=
 
-# Debian packages the agent, the lab and the tests use.
+# Debian packages the agent, the lab, the tests and the benchmarks use.
 APT_PACKAGES := iptables iproute2 dnsutils busybox-static wget util-linux procps \
-	libnetfilter-queue-dev libffi-dev build-essential python3-dev python3-venv
+	libnetfilter-queue-dev libffi-dev build-essential python3-dev python3-venv \
+	iperf3 wrk haproxy socat nginx-light
 
-.PHONY: run test demo lint deps clean
+.PHONY: run test demo lint deps clean bench bench-tcp
 
 run: deps
 	exec $(BIN)/consulate agent $(ARGS)
@@ -24,6 +27,13 @@ test: deps lint
 
 demo: deps
 	$(BIN)/consulate demo
+
+# Benchmarks are not tests: `make test` never runs them. Options go in BENCH_ARGS,
+# e.g. make bench-tcp BENCH_ARGS="--variants direct,haproxy --reps 1".
+bench: bench-tcp
+
+bench-tcp: deps $(STAMP)/bench
+	$(BIN)/python -m bench.tcp $(BENCH_ARGS)
 
 # mypy cannot follow setuptools' package-dir mapping, so it checks the package
 # through a tree of symlinks shaped like the installed one.
@@ -50,6 +60,10 @@ $(STAMP)/venv: pyproject.toml setup.py native/build.py native/relay.c $(STAMP)/a
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'
+	@mkdir -p $(STAMP) && touch $@
+
+$(STAMP)/bench: $(STAMP)/venv
+	$(BIN)/pip install --quiet -e '.[bench]'
 	@mkdir -p $(STAMP) && touch $@
 
 clean:

@@ -25,7 +25,7 @@ from consulate.control.registry import Change, EmbeddedRegistry, Instance
 from consulate.dns.answer import Responder
 from consulate.dns.server import DnsServer
 from consulate.proxy import iptables, localroute
-from consulate.proxy.server import TransparentProxy
+from consulate.proxy.server import NativeRelay, TransparentProxy
 from consulate.proxy.table import Endpoint, RouteTable
 from consulate.proxy.vip import VipAllocator
 
@@ -75,8 +75,8 @@ class Agent:
             ) from None
         self.registry = EmbeddedRegistry(config.data_dir / "registry.db")
         self.table = RouteTable(VipAllocator(config.vip_cidr, config.data_dir / "vips.json"))
-        self.proxy = TransparentProxy(self.table, mark=config.mark,
-                                      connect_timeout=config.connect_timeout)
+        self.proxy = TransparentProxy(self.table, engine=_relay_engine(config.relay),
+                                      mark=config.mark, connect_timeout=config.connect_timeout)
         self.dns = DnsServer(Responder(self._vip_of, config.domain))
         self.ready = False
 
@@ -156,12 +156,28 @@ class Agent:
                                                  "endpoints": len(s.endpoints)}
                                         for s in self.table.services()}},
                 "proxy": self.proxy.stats.snapshot(),
-                "relay": {"engine": "python", "native_extension": caps.extension,
+                "relay": {"engine": self.proxy.relay_name, "native_extension": caps.extension,
                           "splice_available": caps.splice},
                 "iptables": {"enabled": cfg.iptables, "vip_cidr": cfg.vip_cidr,
                              "proxy_port": cfg.proxy_addr[1], "mark": hex(cfg.mark)},
             },
         }
+
+
+def _relay_engine(choice: str) -> NativeRelay | None:
+    """The native engine for ``--relay native|auto`` when it can run here, else None."""
+    caps = native.capabilities()
+    if choice == "python" or (choice == "auto" and not caps.splice):
+        return None
+    if not caps.extension:
+        raise ConfigError("--relay native: the C extension is not built (reinstall with a C "
+                          "compiler) or CONSULATE_NO_EXTENSIONS is set; use --relay python")
+    if not caps.splice:
+        raise ConfigError("--relay native: splice(2) is refused on this kernel; "
+                          "use --relay python")
+    from consulate.native.engine import SpliceEngine
+
+    return SpliceEngine()
 
 
 async def _cancel(task: asyncio.Task[None]) -> None:

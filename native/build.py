@@ -1,8 +1,7 @@
-"""cffi build script for ``consulate.native._relay``.
+"""cffi build script (API mode, out of line) for ``consulate.native._relay``.
 
-The relay engine proper (splice(2) through per-direction pipes, GIL released) is
-built in its own issue; this script already carries the build so that packaging,
-``pip install .`` and the import fallback are exercised from day one.
+The C declarations below are the whole contract between Python and relay.c;
+``consulate.native.engine`` wraps them so that nothing else touches ``ffi``.
 """
 
 from pathlib import Path
@@ -11,16 +10,42 @@ from cffi import FFI
 
 HERE = Path(__file__).resolve().parent
 
+CDEF = """
+typedef struct consulate_relay_result {
+    uint64_t id;
+    uint64_t bytes[2];
+    uint64_t spliced[2];
+    int reason;
+    int error;
+} consulate_relay_result;
+
+typedef struct consulate_relay_stats {
+    uint64_t active;
+    uint64_t pipes_pooled;
+    uint64_t pipes_open;
+} consulate_relay_stats;
+
+typedef struct consulate_relay_engine consulate_relay_engine;
+
+int consulate_splice_probe(void);
+consulate_relay_engine *consulate_relay_new(int pipe_size, size_t splice_threshold,
+                                            double idle_timeout);
+int consulate_relay_notify_fd(consulate_relay_engine *e);
+int consulate_relay_add(consulate_relay_engine *e, uint64_t id, int fd_a, int fd_b);
+size_t consulate_relay_poll(consulate_relay_engine *e, consulate_relay_result *out,
+                            size_t max);
+void consulate_relay_stats_get(consulate_relay_engine *e, consulate_relay_stats *out);
+void consulate_relay_stop(consulate_relay_engine *e);
+void consulate_relay_free(consulate_relay_engine *e);
+"""
+
 ffibuilder = FFI()
-ffibuilder.cdef(
-    """
-    int consulate_splice_probe(void);
-    """
-)
+ffibuilder.cdef(CDEF)
 ffibuilder.set_source(
     "consulate.native._relay",
     (HERE / "relay.c").read_text(),
-    extra_compile_args=["-O2", "-Wall", "-Wextra"],
+    extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-function"],
+    libraries=["pthread"],
 )
 
 if __name__ == "__main__":

@@ -1,14 +1,109 @@
-/* consulate native relay engine (C side).
+/* consulate native relay engine.
  *
- * For now this file holds the kernel capability probe the Python side uses to
- * decide between the native engine and the pure-Python relay. The splice(2)
- * relay loop joins it in the native fast-path issue.
+ * Python hands the engine pairs of connected, non-blocking sockets; one epoll
+ * thread (no GIL, no Python objects) moves the bytes both ways until both
+ * directions have ended, then reports the connection's counters back through an
+ * eventfd the asyncio loop watches.
+ *
+ * Each direction starts in copy mode (recv/send through a 16 KiB buffer): for
+ * small request/response traffic one recv + one send is cheaper than two
+ * splices. When a recv fills the whole buffer the flow is bulk, and the direction
+ * switches to splice(2) through a pipe (taken from a pool, sized with
+ * F_SETPIPE_SZ), so the payload never crosses into user space. A splice read
+ * that returns less than the threshold switches it back. HAProxy makes the same
+ * choice (raw_sock_to_pipe, 4 KiB); the crossover on these machines is measured
+ * by bench/ and documented in bench/results/tcp.md.
+ *
+ * Half-close: when one side reaches EOF and its data is flushed, the other side
+ * gets shutdown(SHUT_WR); the connection ends when both directions have. An
+ * error (ECONNRESET, EPIPE, ...) on either side resets the other (SO_LINGER 0),
+ * so a reset is propagated rather than turned into a clean close.
  */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
+
+#define COPY_BUF_SIZE 16384
+#define MAX_EVENTS 256
+#define PIPE_POOL_MAX 1024
+
+enum { MODE_COPY = 0, MODE_SPLICE = 1 };
+enum { REASON_DONE = 0, REASON_ERROR = 1, REASON_IDLE = 2, REASON_STOPPED = 3 };
+
+typedef struct consulate_relay_result {
+    uint64_t id;
+    uint64_t bytes[2];   /* [0] a->b, [1] b->a */
+    uint64_t spliced[2]; /* of which moved by splice(2) */
+    int reason;
+    int error; /* errno for REASON_ERROR */
+} consulate_relay_result;
+
+typedef struct consulate_relay_stats {
+    uint64_t active;
+    uint64_t pipes_pooled;
+    uint64_t pipes_open;
+} consulate_relay_stats;
+
+struct conn;
+
+struct side { /* epoll cookie: which socket of which connection */
+    struct conn *conn;
+    int index;
+};
+
+struct direction {
+    int src, dst;
+    int pipe_r, pipe_w;
+    size_t in_pipe;
+    char *buf;
+    size_t buf_off, buf_len;
+    int mode, eof, shut;
+    uint64_t bytes, spliced;
+};
+
+struct conn {
+    uint64_t id;
+    int fd[2];
+    struct side sides[2];
+    struct direction dir[2];
+    double last_active;
+    struct conn *prev, *next;
+};
+
+typedef struct consulate_relay_engine {
+    int epfd, wake_fd, notify_fd;
+    pthread_t thread;
+    int thread_started;
+    pthread_mutex_t lock;
+    volatile int stopping;
+    struct conn *conns;
+    struct conn *dead; /* finished during the current batch, freed after it */
+    uint64_t active;
+    consulate_relay_result *results;
+    size_t results_len, results_cap;
+    int pool[PIPE_POOL_MAX][2];
+    size_t pool_len;
+    uint64_t pipes_open;
+    int pipe_size;
+    size_t splice_threshold;
+    double idle_timeout;
+} consulate_relay_engine;
+
+static double now_seconds(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
 
 /* Returns 0 when splice(2) can move bytes from a socket into a pipe on this
  * kernel (some seccomp profiles and old kernels refuse it), else an errno. */
@@ -17,7 +112,7 @@ static int consulate_splice_probe(void)
     int sv[2], pipefd[2], rc = 0;
     if (socketpair(AF_UNIX, SOCK_STREAM, 0, sv) != 0)
         return errno;
-    if (pipe2(pipefd, O_NONBLOCK) != 0) {
+    if (pipe2(pipefd, O_NONBLOCK | O_CLOEXEC) != 0) {
         rc = errno;
         close(sv[0]);
         close(sv[1]);
@@ -32,4 +127,406 @@ static int consulate_splice_probe(void)
     close(pipefd[0]);
     close(pipefd[1]);
     return rc;
+}
+
+/* -- pipe pool (engine lock held) ------------------------------------------ */
+
+static int pipe_take(consulate_relay_engine *e, struct direction *d)
+{
+    int p[2];
+    if (e->pool_len > 0) {
+        e->pool_len--;
+        d->pipe_r = e->pool[e->pool_len][0];
+        d->pipe_w = e->pool[e->pool_len][1];
+        return 0;
+    }
+    if (pipe2(p, O_NONBLOCK | O_CLOEXEC) != 0)
+        return -1;
+    /* A larger pipe moves more per splice; refusals (pipe-max-size) keep 64 KiB. */
+    (void)fcntl(p[1], F_SETPIPE_SZ, e->pipe_size);
+    d->pipe_r = p[0];
+    d->pipe_w = p[1];
+    e->pipes_open++;
+    return 0;
+}
+
+static void pipe_give_back(consulate_relay_engine *e, struct direction *d)
+{
+    if (d->pipe_r < 0)
+        return;
+    if (d->in_pipe == 0 && e->pool_len < PIPE_POOL_MAX && !e->stopping) {
+        e->pool[e->pool_len][0] = d->pipe_r;
+        e->pool[e->pool_len][1] = d->pipe_w;
+        e->pool_len++;
+    } else { /* holds stale bytes, or the pool is full: not reusable */
+        close(d->pipe_r);
+        close(d->pipe_w);
+        e->pipes_open--;
+    }
+    d->pipe_r = d->pipe_w = -1;
+}
+
+/* -- one direction ----------------------------------------------------------- */
+
+/* Move what can be moved now. Returns 0 when waiting for readiness (or done),
+ * or -errno on a socket error. */
+static int pump(consulate_relay_engine *e, struct direction *d, int *moved)
+{
+    ssize_t n;
+    for (;;) {
+        if (d->in_pipe > 0) {
+            n = splice(d->pipe_r, NULL, d->dst, NULL, d->in_pipe,
+                       SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+            if (n < 0)
+                return errno == EAGAIN ? 0 : -errno;
+            d->in_pipe -= (size_t)n;
+            d->bytes += (uint64_t)n;
+            d->spliced += (uint64_t)n;
+            *moved = 1;
+            continue;
+        }
+        if (d->buf_len > 0) {
+            n = send(d->dst, d->buf + d->buf_off, d->buf_len, MSG_NOSIGNAL | MSG_DONTWAIT);
+            if (n < 0)
+                return errno == EAGAIN ? 0 : -errno;
+            d->buf_off += (size_t)n;
+            d->buf_len -= (size_t)n;
+            d->bytes += (uint64_t)n;
+            *moved = 1;
+            continue;
+        }
+        if (d->eof) {
+            if (!d->shut) {
+                if (shutdown(d->dst, SHUT_WR) != 0 && errno != ENOTCONN)
+                    return -errno;
+                d->shut = 1;
+            }
+            return 0;
+        }
+        if (d->mode == MODE_SPLICE) {
+            n = splice(d->src, NULL, d->pipe_w, NULL, (size_t)e->pipe_size,
+                       SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+            if (n < 0)
+                return errno == EAGAIN ? 0 : -errno;
+            if (n == 0) {
+                d->eof = 1;
+                continue;
+            }
+            d->in_pipe = (size_t)n;
+            if ((size_t)n < e->splice_threshold)
+                d->mode = MODE_COPY; /* trickling again: copying is cheaper */
+            *moved = 1;
+            continue;
+        }
+        if (d->buf == NULL && (d->buf = malloc(COPY_BUF_SIZE)) == NULL)
+            return -ENOMEM;
+        n = recv(d->src, d->buf, COPY_BUF_SIZE, MSG_DONTWAIT);
+        if (n < 0)
+            return errno == EAGAIN ? 0 : -errno;
+        if (n == 0) {
+            d->eof = 1;
+            continue;
+        }
+        d->buf_off = 0;
+        d->buf_len = (size_t)n;
+        *moved = 1;
+        if (n == COPY_BUF_SIZE && (d->pipe_r >= 0 || pipe_take(e, d) == 0))
+            d->mode = MODE_SPLICE; /* bulk: splice from the next read on */
+    }
+}
+
+/* -- connection lifecycle (engine lock held) --------------------------------- */
+
+static void push_result(consulate_relay_engine *e, struct conn *c, int reason, int error)
+{
+    consulate_relay_result *r;
+    if (e->results_len == e->results_cap) {
+        size_t cap = e->results_cap ? e->results_cap * 2 : 64;
+        consulate_relay_result *grown = realloc(e->results, cap * sizeof(*grown));
+        if (grown == NULL)
+            return; /* counters of this connection are lost; the relay is not */
+        e->results = grown;
+        e->results_cap = cap;
+    }
+    r = &e->results[e->results_len++];
+    r->id = c->id;
+    r->bytes[0] = c->dir[0].bytes;
+    r->bytes[1] = c->dir[1].bytes;
+    r->spliced[0] = c->dir[0].spliced;
+    r->spliced[1] = c->dir[1].spliced;
+    r->reason = reason;
+    r->error = error;
+}
+
+static void finish(consulate_relay_engine *e, struct conn *c, int reason, int error)
+{
+    int i;
+    for (i = 0; i < 2; i++) {
+        if (reason == REASON_ERROR) {
+            /* Reset the peer instead of a clean FIN: it must see the failure. */
+            struct linger lg = {1, 0};
+            (void)setsockopt(c->fd[i], SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
+        }
+        close(c->fd[i]); /* also removes it from the epoll set */
+        pipe_give_back(e, &c->dir[i]);
+        free(c->dir[i].buf);
+    }
+    push_result(e, c, reason, error);
+    if (c->prev)
+        c->prev->next = c->next;
+    else
+        e->conns = c->next;
+    if (c->next)
+        c->next->prev = c->prev;
+    e->active--;
+    /* Events for the other socket may still be in this epoll batch: mark the
+     * cookies dead and free the connection after the batch. */
+    c->sides[0].conn = c->sides[1].conn = NULL;
+    c->next = e->dead;
+    e->dead = c;
+}
+
+static void bury(consulate_relay_engine *e)
+{
+    while (e->dead != NULL) {
+        struct conn *c = e->dead;
+        e->dead = c->next;
+        free(c);
+    }
+}
+
+/* Serve both directions after any event on either socket (edge-triggered:
+ * every operation runs until EAGAIN). Returns 1 when the connection ended. */
+static int service(consulate_relay_engine *e, struct conn *c, double now)
+{
+    int i, rc, moved = 0;
+    for (i = 0; i < 2; i++) {
+        rc = pump(e, &c->dir[i], &moved);
+        if (rc < 0) {
+            finish(e, c, REASON_ERROR, -rc);
+            return 1;
+        }
+    }
+    if (moved)
+        c->last_active = now;
+    if (c->dir[0].shut && c->dir[1].shut) {
+        finish(e, c, REASON_DONE, 0);
+        return 1;
+    }
+    return 0;
+}
+
+static void notify(consulate_relay_engine *e)
+{
+    uint64_t one = 1;
+    ssize_t w = write(e->notify_fd, &one, sizeof(one));
+    (void)w; /* EAGAIN means the counter is already non-zero: Python will look */
+}
+
+static void *engine_main(void *arg)
+{
+    consulate_relay_engine *e = arg;
+    struct epoll_event events[MAX_EVENTS];
+    double last_scan = now_seconds();
+    int i, n, finished;
+
+    while (!e->stopping) {
+        n = epoll_wait(e->epfd, events, MAX_EVENTS, 1000);
+        if (n < 0 && errno != EINTR)
+            break;
+        pthread_mutex_lock(&e->lock);
+        double now = now_seconds();
+        finished = 0;
+        for (i = 0; i < n; i++) {
+            struct side *s = events[i].data.ptr;
+            if (s == NULL) { /* the wake eventfd: stop, or nothing */
+                uint64_t v;
+                ssize_t r = read(e->wake_fd, &v, sizeof(v));
+                (void)r;
+                continue;
+            }
+            if (s->conn == NULL) /* its connection ended earlier in this batch */
+                continue;
+            struct conn *c = s->conn;
+            if (service(e, c, now))
+                finished = 1;
+        }
+        if (e->idle_timeout > 0 && now - last_scan >= 1.0) {
+            struct conn *c = e->conns, *next;
+            for (; c != NULL; c = next) {
+                next = c->next;
+                if (now - c->last_active >= e->idle_timeout) {
+                    finish(e, c, REASON_IDLE, 0);
+                    finished = 1;
+                }
+            }
+            last_scan = now;
+        }
+        bury(e);
+        if (finished)
+            notify(e);
+        pthread_mutex_unlock(&e->lock);
+    }
+
+    pthread_mutex_lock(&e->lock);
+    while (e->conns != NULL)
+        finish(e, e->conns, REASON_STOPPED, 0);
+    bury(e);
+    notify(e);
+    pthread_mutex_unlock(&e->lock);
+    return NULL;
+}
+
+/* -- public API ---------------------------------------------------------------- */
+
+static consulate_relay_engine *consulate_relay_new(int pipe_size, size_t splice_threshold,
+                                                   double idle_timeout)
+{
+    struct epoll_event ev;
+    int err;
+    consulate_relay_engine *e = calloc(1, sizeof(*e));
+    if (e == NULL)
+        return NULL;
+    e->epfd = e->wake_fd = e->notify_fd = -1;
+    e->pipe_size = pipe_size;
+    e->splice_threshold = splice_threshold;
+    e->idle_timeout = idle_timeout;
+    pthread_mutex_init(&e->lock, NULL);
+    if ((e->epfd = epoll_create1(EPOLL_CLOEXEC)) < 0 ||
+        (e->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)) < 0 ||
+        (e->notify_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)) < 0)
+        goto fail;
+    memset(&ev, 0, sizeof(ev));
+    ev.events = EPOLLIN;
+    ev.data.ptr = NULL;
+    if (epoll_ctl(e->epfd, EPOLL_CTL_ADD, e->wake_fd, &ev) != 0)
+        goto fail;
+    if ((err = pthread_create(&e->thread, NULL, engine_main, e)) != 0) {
+        errno = err;
+        goto fail;
+    }
+    e->thread_started = 1;
+    return e;
+fail:
+    err = errno;
+    if (e->epfd >= 0) close(e->epfd);
+    if (e->wake_fd >= 0) close(e->wake_fd);
+    if (e->notify_fd >= 0) close(e->notify_fd);
+    pthread_mutex_destroy(&e->lock);
+    free(e);
+    errno = err;
+    return NULL;
+}
+
+static int consulate_relay_notify_fd(consulate_relay_engine *e)
+{
+    return e->notify_fd;
+}
+
+/* Takes ownership of both sockets on success (returns 0); on failure returns
+ * -errno and the caller still owns them. */
+static int consulate_relay_add(consulate_relay_engine *e, uint64_t id, int fd_a, int fd_b)
+{
+    struct epoll_event ev;
+    int i, err;
+    struct conn *c = calloc(1, sizeof(*c));
+    if (c == NULL)
+        return -ENOMEM;
+    c->id = id;
+    c->fd[0] = fd_a;
+    c->fd[1] = fd_b;
+    for (i = 0; i < 2; i++) {
+        c->sides[i].conn = c;
+        c->sides[i].index = i;
+        c->dir[i].src = c->fd[i];
+        c->dir[i].dst = c->fd[1 - i];
+        c->dir[i].pipe_r = c->dir[i].pipe_w = -1;
+    }
+    c->last_active = now_seconds();
+    pthread_mutex_lock(&e->lock);
+    if (e->stopping) {
+        pthread_mutex_unlock(&e->lock);
+        free(c);
+        return -ESHUTDOWN;
+    }
+    for (i = 0; i < 2; i++) {
+        memset(&ev, 0, sizeof(ev));
+        ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET;
+        ev.data.ptr = &c->sides[i];
+        if (epoll_ctl(e->epfd, EPOLL_CTL_ADD, c->fd[i], &ev) != 0) {
+            err = errno;
+            if (i == 1)
+                (void)epoll_ctl(e->epfd, EPOLL_CTL_DEL, c->fd[0], NULL);
+            pthread_mutex_unlock(&e->lock);
+            free(c);
+            return -err;
+        }
+    }
+    c->next = e->conns;
+    if (e->conns)
+        e->conns->prev = c;
+    e->conns = c;
+    e->active++;
+    pthread_mutex_unlock(&e->lock);
+    return 0;
+}
+
+/* Copies up to max finished connections' results out; returns how many. */
+static size_t consulate_relay_poll(consulate_relay_engine *e, consulate_relay_result *out,
+                                   size_t max)
+{
+    uint64_t v;
+    size_t n;
+    ssize_t r = read(e->notify_fd, &v, sizeof(v));
+    (void)r;
+    pthread_mutex_lock(&e->lock);
+    n = e->results_len < max ? e->results_len : max;
+    memcpy(out, e->results, n * sizeof(*out));
+    memmove(e->results, e->results + n, (e->results_len - n) * sizeof(*out));
+    e->results_len -= n;
+    if (e->results_len > 0)
+        notify(e); /* more than max were waiting: come back */
+    pthread_mutex_unlock(&e->lock);
+    return n;
+}
+
+static void consulate_relay_stats_get(consulate_relay_engine *e, consulate_relay_stats *out)
+{
+    pthread_mutex_lock(&e->lock);
+    out->active = e->active;
+    out->pipes_pooled = e->pool_len;
+    out->pipes_open = e->pipes_open;
+    pthread_mutex_unlock(&e->lock);
+}
+
+/* Ends every connection (results reported as stopped) and joins the thread.
+ * The engine can still be polled; free it with consulate_relay_free. */
+static void consulate_relay_stop(consulate_relay_engine *e)
+{
+    uint64_t one = 1;
+    ssize_t w;
+    if (!e->thread_started)
+        return;
+    e->stopping = 1;
+    w = write(e->wake_fd, &one, sizeof(one));
+    (void)w;
+    pthread_join(e->thread, NULL);
+    e->thread_started = 0;
+    while (e->pool_len > 0) {
+        e->pool_len--;
+        close(e->pool[e->pool_len][0]);
+        close(e->pool[e->pool_len][1]);
+        e->pipes_open--;
+    }
+}
+
+static void consulate_relay_free(consulate_relay_engine *e)
+{
+    consulate_relay_stop(e);
+    close(e->epfd);
+    close(e->wake_fd);
+    close(e->notify_fd);
+    free(e->results);
+    pthread_mutex_destroy(&e->lock);
+    free(e);
 }

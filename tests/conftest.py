@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import uvloop
 
 from consulate.control import lab as labmod
 from consulate.control.labagent import LabAgent
@@ -92,3 +94,10 @@ def peers(mesh_lab: labmod.Lab) -> Iterator[Peers]:
         yield started
     finally:
         started.stop_all()
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """Async tests run on uvloop, as the agent does."""
+    return {"uvloop": uvloop.new_event_loop}
