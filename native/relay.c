@@ -75,6 +75,7 @@ struct conn {
     int fd[2];
     struct side sides[2];
     struct direction dir[2];
+    int out_armed[2]; /* EPOLLOUT requested on fd[i]: only while a write is blocked */
     double last_active;
     struct conn *prev, *next;
 };
@@ -168,8 +169,8 @@ static void pipe_give_back(consulate_relay_engine *e, struct direction *d)
 
 /* -- one direction ----------------------------------------------------------- */
 
-/* Move what can be moved now. Returns 0 when waiting for readiness (or done),
- * or -errno on a socket error. */
+/* Move what can be moved now. Returns 1 when blocked writing to dst (wait for
+ * EPOLLOUT there), 0 when waiting for input (or done), -errno on a socket error. */
 static int pump(consulate_relay_engine *e, struct direction *d, int *moved)
 {
     ssize_t n;
@@ -178,7 +179,7 @@ static int pump(consulate_relay_engine *e, struct direction *d, int *moved)
             n = splice(d->pipe_r, NULL, d->dst, NULL, d->in_pipe,
                        SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
             if (n < 0)
-                return errno == EAGAIN ? 0 : -errno;
+                return errno == EAGAIN ? 1 : -errno;
             d->in_pipe -= (size_t)n;
             d->bytes += (uint64_t)n;
             d->spliced += (uint64_t)n;
@@ -188,7 +189,7 @@ static int pump(consulate_relay_engine *e, struct direction *d, int *moved)
         if (d->buf_len > 0) {
             n = send(d->dst, d->buf + d->buf_off, d->buf_len, MSG_NOSIGNAL | MSG_DONTWAIT);
             if (n < 0)
-                return errno == EAGAIN ? 0 : -errno;
+                return errno == EAGAIN ? 1 : -errno;
             d->buf_off += (size_t)n;
             d->buf_len -= (size_t)n;
             d->bytes += (uint64_t)n;
@@ -295,13 +296,45 @@ static void bury(consulate_relay_engine *e)
     }
 }
 
-/* Serve both directions after any event on either socket (edge-triggered:
- * every operation runs until EAGAIN). Returns 1 when the connection ended. */
-static int service(consulate_relay_engine *e, struct conn *c, double now)
+/* EPOLLOUT is armed only while a write to that socket is blocked: left on, every
+ * ACK that frees send-buffer space would wake the engine for nothing. */
+static int arm_out(consulate_relay_engine *e, struct conn *c, int i, int on)
 {
-    int i, rc, moved = 0;
-    for (i = 0; i < 2; i++) {
-        rc = pump(e, &c->dir[i], &moved);
+    struct epoll_event ev;
+    if (c->out_armed[i] == on)
+        return 0;
+    memset(&ev, 0, sizeof(ev));
+    ev.events = EPOLLIN | EPOLLRDHUP | EPOLLET | (on ? EPOLLOUT : 0);
+    ev.data.ptr = &c->sides[i];
+    if (epoll_ctl(e->epfd, EPOLL_CTL_MOD, c->fd[i], &ev) != 0)
+        return -errno;
+    c->out_armed[i] = on;
+    return 0;
+}
+
+/* Serve the direction(s) an event on socket i concerns (edge-triggered: every
+ * operation runs until EAGAIN): input on i feeds direction i, room to write on i
+ * drains direction 1-i. Returns 1 when the connection ended. */
+static int service(consulate_relay_engine *e, struct conn *c, int i, uint32_t events,
+                   double now)
+{
+    int j, rc, moved = 0, err = 0;
+    socklen_t len = sizeof(err);
+    if (events & EPOLLERR) {
+        /* Nothing may be pending in either direction to surface it: ask. */
+        if (getsockopt(c->fd[i], SOL_SOCKET, SO_ERROR, &err, &len) == 0 && err != 0) {
+            finish(e, c, REASON_ERROR, err);
+            return 1;
+        }
+    }
+    for (j = 0; j < 2; j++) {
+        int wanted = j == i ? (events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) != 0
+                            : (events & EPOLLOUT) != 0;
+        if (!wanted)
+            continue;
+        rc = pump(e, &c->dir[j], &moved);
+        if (rc >= 0)
+            rc = arm_out(e, c, 1 - j, rc == 1);
         if (rc < 0) {
             finish(e, c, REASON_ERROR, -rc);
             return 1;
@@ -347,8 +380,7 @@ static void *engine_main(void *arg)
             }
             if (s->conn == NULL) /* its connection ended earlier in this batch */
                 continue;
-            struct conn *c = s->conn;
-            if (service(e, c, now))
+            if (service(e, s->conn, s->index, events[i].events, now))
                 finished = 1;
         }
         if (e->idle_timeout > 0 && now - last_scan >= 1.0) {
@@ -451,7 +483,8 @@ static int consulate_relay_add(consulate_relay_engine *e, uint64_t id, int fd_a,
     }
     for (i = 0; i < 2; i++) {
         memset(&ev, 0, sizeof(ev));
-        ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET;
+        /* Registering reports data that is already waiting (and EOF). */
+        ev.events = EPOLLIN | EPOLLRDHUP | EPOLLET;
         ev.data.ptr = &c->sides[i];
         if (epoll_ctl(e->epfd, EPOLL_CTL_ADD, c->fd[i], &ev) != 0) {
             err = errno;

@@ -21,6 +21,7 @@ flushes them when it joins.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import struct
 from collections.abc import Callable
@@ -57,7 +58,7 @@ class RelaySide(asyncio.Protocol):
                 self.transport.write(chunk)
             peer._early.clear()
             if peer.read_eof:
-                self.transport.write_eof()
+                _forward_eof(self.transport)
             else:
                 peer.transport.resume_reading()
 
@@ -77,7 +78,7 @@ class RelaySide(asyncio.Protocol):
         self.read_eof = True
         peer = self.peer
         if peer is not None and peer.transport is not None and not peer.closed:
-            peer.transport.write_eof()
+            _forward_eof(peer.transport)
             if peer.read_eof:
                 self._close_pair()
         return True  # keep our writing side open: this is a half-close
@@ -108,6 +109,24 @@ class RelaySide(asyncio.Protocol):
         for side in (self, self.peer):
             if side is not None and side.transport is not None:
                 side.transport.close()
+
+
+def _forward_eof(transport: asyncio.Transport) -> None:
+    """Half-close ``transport`` now, not on the next loop iteration.
+
+    uvloop queues ``write_eof`` (libuv's uv_shutdown) behind a poll cycle; a client
+    that got its whole answer closes first meanwhile and is left holding TIME_WAIT,
+    one per connection, until its ports run out. When nothing is buffered the FIN
+    can go at once, as the native engine sends it.
+    """
+    sock = transport.get_extra_info("socket")
+    if transport.get_write_buffer_size() == 0 and sock is not None:
+        with contextlib.suppress(OSError), socket.fromfd(
+            sock.fileno(), socket.AF_INET, socket.SOCK_STREAM
+        ) as dup:
+            dup.shutdown(socket.SHUT_WR)  # acts on the connection, not the descriptor
+            return
+    transport.write_eof()
 
 
 class PythonRelay:
