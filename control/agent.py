@@ -75,7 +75,7 @@ class Agent:
             ) from None
         self.registry = EmbeddedRegistry(config.data_dir / "registry.db")
         self.table = RouteTable(VipAllocator(config.vip_cidr, config.data_dir / "vips.json"))
-        self.proxy = TransparentProxy(self.table, engine=_relay_engine(config.relay),
+        self.proxy = TransparentProxy(self.table, engine=_relay_engine(config),
                                       mark=config.mark, connect_timeout=config.connect_timeout)
         self.dns = DnsServer(Responder(self._vip_of, config.domain))
         self.ready = False
@@ -164,8 +164,9 @@ class Agent:
         }
 
 
-def _relay_engine(choice: str) -> NativeRelay | None:
+def _relay_engine(config: AgentConfig) -> NativeRelay | None:
     """The native engine for ``--relay native|auto`` when it can run here, else None."""
+    choice = config.relay
     caps = native.capabilities()
     if choice == "python" or (choice == "auto" and not caps.splice):
         return None
@@ -177,7 +178,7 @@ def _relay_engine(choice: str) -> NativeRelay | None:
                           "use --relay python")
     from consulate.native.engine import SpliceEngine
 
-    return SpliceEngine()
+    return SpliceEngine(connect_timeout=config.connect_timeout)
 
 
 async def _cancel(task: asyncio.Task[None]) -> None:

@@ -17,6 +17,7 @@ typedef struct consulate_relay_result {
     uint64_t spliced[2];
     int reason;
     int error;
+    uint32_t failed_mask;
 } consulate_relay_result;
 
 typedef struct consulate_relay_stats {
@@ -29,9 +30,12 @@ typedef struct consulate_relay_engine consulate_relay_engine;
 
 int consulate_splice_probe(void);
 consulate_relay_engine *consulate_relay_new(int pipe_size, size_t splice_threshold,
-                                            double idle_timeout);
+                                            double idle_timeout, double connect_timeout);
 int consulate_relay_notify_fd(consulate_relay_engine *e);
 int consulate_relay_add(consulate_relay_engine *e, uint64_t id, int fd_a, int fd_b);
+int consulate_relay_connect(consulate_relay_engine *e, uint64_t id, int client_fd,
+                            const uint32_t *addrs, const uint16_t *ports, int count,
+                            uint32_t mark);
 size_t consulate_relay_poll(consulate_relay_engine *e, consulate_relay_result *out,
                             size_t max);
 void consulate_relay_stats_get(consulate_relay_engine *e, consulate_relay_stats *out);

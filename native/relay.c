@@ -28,6 +28,8 @@
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -37,14 +39,17 @@
 #define PIPE_POOL_MAX 1024
 
 enum { MODE_COPY = 0, MODE_SPLICE = 1 };
-enum { REASON_DONE = 0, REASON_ERROR = 1, REASON_IDLE = 2, REASON_STOPPED = 3 };
+enum { REASON_DONE = 0, REASON_ERROR = 1, REASON_IDLE = 2, REASON_STOPPED = 3,
+       REASON_CONNECT_FAILED = 4 };
+#define MAX_CANDIDATES 8
 
 typedef struct consulate_relay_result {
     uint64_t id;
     uint64_t bytes[2];   /* [0] a->b, [1] b->a */
     uint64_t spliced[2]; /* of which moved by splice(2) */
     int reason;
-    int error; /* errno for REASON_ERROR */
+    int error;            /* errno for REASON_ERROR, last one for REASON_CONNECT_FAILED */
+    uint32_t failed_mask; /* bit i: candidate i was tried and failed */
 } consulate_relay_result;
 
 typedef struct consulate_relay_stats {
@@ -77,6 +82,13 @@ struct conn {
     struct direction dir[2];
     int out_armed[2]; /* EPOLLOUT requested on fd[i]: only while a write is blocked */
     double last_active;
+    /* Connecting (fd[1] is the attempt in flight; fd[0] not polled until it succeeds). */
+    int connecting;
+    struct sockaddr_in candidates[MAX_CANDIDATES];
+    int ncandidates, attempt;
+    uint32_t mark, failed_mask;
+    int last_error;
+    double attempt_started;
     struct conn *prev, *next;
 };
 
@@ -89,6 +101,8 @@ typedef struct consulate_relay_engine {
     struct conn *conns;
     struct conn *dead; /* finished during the current batch, freed after it */
     uint64_t active;
+    uint64_t connecting;
+    double connect_timeout;
     consulate_relay_result *results;
     size_t results_len, results_cap;
     int pool[PIPE_POOL_MAX][2];
@@ -257,18 +271,25 @@ static void push_result(consulate_relay_engine *e, struct conn *c, int reason, i
     r->spliced[1] = c->dir[1].spliced;
     r->reason = reason;
     r->error = error;
+    r->failed_mask = c->failed_mask;
 }
 
 static void finish(consulate_relay_engine *e, struct conn *c, int reason, int error)
 {
     int i;
+    if (c->connecting)
+        e->connecting--;
     for (i = 0; i < 2; i++) {
-        if (reason == REASON_ERROR) {
+        if (c->fd[i] < 0)
+            continue;
+        if (reason == REASON_ERROR || reason == REASON_CONNECT_FAILED) {
             /* Reset the peer instead of a clean FIN: it must see the failure. */
             struct linger lg = {1, 0};
             (void)setsockopt(c->fd[i], SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
         }
         close(c->fd[i]); /* also removes it from the epoll set */
+    }
+    for (i = 0; i < 2; i++) {
         pipe_give_back(e, &c->dir[i]);
         free(c->dir[i].buf);
     }
@@ -312,6 +333,74 @@ static int arm_out(consulate_relay_engine *e, struct conn *c, int i, int on)
     return 0;
 }
 
+/* -- connecting to the upstream (engine lock held) --------------------------------- */
+
+/* Start the next candidate's connect; 0 when one is in flight, -1 when none is left. */
+static int start_attempt(consulate_relay_engine *e, struct conn *c, double now)
+{
+    struct epoll_event ev;
+    int one = 1, fd;
+    for (; c->attempt < c->ncandidates; c->attempt++) {
+        fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+        if (fd < 0) {
+            c->last_error = errno;
+            c->failed_mask |= 1u << c->attempt;
+            continue;
+        }
+        /* The mark exempts the engine's own connections from the REDIRECT rules. */
+        if (c->mark != 0)
+            (void)setsockopt(fd, SOL_SOCKET, SO_MARK, &c->mark, sizeof(c->mark));
+        (void)setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+        if (connect(fd, (struct sockaddr *)&c->candidates[c->attempt],
+                    sizeof(c->candidates[0])) == 0 || errno == EINPROGRESS) {
+            memset(&ev, 0, sizeof(ev));
+            ev.events = EPOLLOUT | EPOLLET;
+            ev.data.ptr = &c->sides[1];
+            if (epoll_ctl(e->epfd, EPOLL_CTL_ADD, fd, &ev) == 0) {
+                c->fd[1] = fd;
+                c->attempt_started = now;
+                return 0;
+            }
+        }
+        c->last_error = errno;
+        c->failed_mask |= 1u << c->attempt;
+        close(fd);
+    }
+    return -1;
+}
+
+/* The attempt in flight failed with err: try the next candidate, or give up. */
+static void attempt_failed(consulate_relay_engine *e, struct conn *c, int err, double now)
+{
+    c->last_error = err;
+    c->failed_mask |= 1u << c->attempt;
+    close(c->fd[1]);
+    c->fd[1] = -1;
+    c->attempt++;
+    if (start_attempt(e, c, now) != 0)
+        finish(e, c, REASON_CONNECT_FAILED, c->last_error);
+}
+
+/* The upstream accepted: poll both sockets for input from now on. Registering
+ * the client reports what it sent while we were connecting. */
+static int connected(consulate_relay_engine *e, struct conn *c)
+{
+    struct epoll_event ev;
+    int i;
+    c->connecting = 0;
+    e->connecting--;
+    for (i = 0; i < 2; i++) {
+        c->dir[i].src = c->fd[i];
+        c->dir[i].dst = c->fd[1 - i];
+        memset(&ev, 0, sizeof(ev));
+        ev.events = EPOLLIN | EPOLLRDHUP | EPOLLET;
+        ev.data.ptr = &c->sides[i];
+        if (epoll_ctl(e->epfd, i == 0 ? EPOLL_CTL_ADD : EPOLL_CTL_MOD, c->fd[i], &ev) != 0)
+            return -errno;
+    }
+    return 0;
+}
+
 /* Serve the direction(s) an event on socket i concerns (edge-triggered: every
  * operation runs until EAGAIN): input on i feeds direction i, room to write on i
  * drains direction 1-i. Returns 1 when the connection ended. */
@@ -320,6 +409,26 @@ static int service(consulate_relay_engine *e, struct conn *c, int i, uint32_t ev
 {
     int j, rc, moved = 0, err = 0;
     socklen_t len = sizeof(err);
+    if (c->connecting) { /* only the upstream socket is polled while connecting */
+        if (getsockopt(c->fd[1], SOL_SOCKET, SO_ERROR, &err, &len) != 0)
+            err = errno;
+        if (err != 0) {
+            attempt_failed(e, c, err, now);
+            return c->sides[1].conn == NULL;
+        }
+        struct sockaddr_in peer;
+        socklen_t plen = sizeof(peer);
+        /* A stale event of an earlier attempt's socket can arrive in the same
+         * batch: only a socket with a peer address has really connected. */
+        if (!(events & EPOLLOUT) || getpeername(c->fd[1], (struct sockaddr *)&peer, &plen) != 0)
+            return 0;
+        if ((rc = connected(e, c)) != 0) {
+            finish(e, c, REASON_ERROR, -rc);
+            return 1;
+        }
+        c->last_active = now;
+        return 0;
+    }
     if (events & EPOLLERR) {
         /* Nothing may be pending in either direction to surface it: ask. */
         if (getsockopt(c->fd[i], SOL_SOCKET, SO_ERROR, &err, &len) == 0 && err != 0) {
@@ -364,7 +473,8 @@ static void *engine_main(void *arg)
     int i, n, finished;
 
     while (!e->stopping) {
-        n = epoll_wait(e->epfd, events, MAX_EVENTS, 1000);
+        /* Connect timeouts need a finer clock than idle ones. */
+        n = epoll_wait(e->epfd, events, MAX_EVENTS, e->connecting > 0 ? 50 : 1000);
         if (n < 0 && errno != EINTR)
             break;
         pthread_mutex_lock(&e->lock);
@@ -383,11 +493,22 @@ static void *engine_main(void *arg)
             if (service(e, s->conn, s->index, events[i].events, now))
                 finished = 1;
         }
+        if (e->connecting > 0) {
+            struct conn *c = e->conns, *next;
+            for (; c != NULL; c = next) {
+                next = c->next;
+                if (c->connecting && now - c->attempt_started >= e->connect_timeout) {
+                    attempt_failed(e, c, ETIMEDOUT, now);
+                    if (c->sides[1].conn == NULL)
+                        finished = 1;
+                }
+            }
+        }
         if (e->idle_timeout > 0 && now - last_scan >= 1.0) {
             struct conn *c = e->conns, *next;
             for (; c != NULL; c = next) {
                 next = c->next;
-                if (now - c->last_active >= e->idle_timeout) {
+                if (!c->connecting && now - c->last_active >= e->idle_timeout) {
                     finish(e, c, REASON_IDLE, 0);
                     finished = 1;
                 }
@@ -412,7 +533,7 @@ static void *engine_main(void *arg)
 /* -- public API ---------------------------------------------------------------- */
 
 static consulate_relay_engine *consulate_relay_new(int pipe_size, size_t splice_threshold,
-                                                   double idle_timeout)
+                                                   double idle_timeout, double connect_timeout)
 {
     struct epoll_event ev;
     int err;
@@ -423,6 +544,7 @@ static consulate_relay_engine *consulate_relay_new(int pipe_size, size_t splice_
     e->pipe_size = pipe_size;
     e->splice_threshold = splice_threshold;
     e->idle_timeout = idle_timeout;
+    e->connect_timeout = connect_timeout;
     pthread_mutex_init(&e->lock, NULL);
     if ((e->epfd = epoll_create1(EPOLL_CLOEXEC)) < 0 ||
         (e->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)) < 0 ||
@@ -500,6 +622,59 @@ static int consulate_relay_add(consulate_relay_engine *e, uint64_t id, int fd_a,
         e->conns->prev = c;
     e->conns = c;
     e->active++;
+    pthread_mutex_unlock(&e->lock);
+    return 0;
+}
+
+/* Connects to the first candidate that accepts (in order, each within the
+ * engine's connect timeout), then relays between it and the client. Takes
+ * ownership of client_fd on success (0): every outcome is then reported by a
+ * result, REASON_CONNECT_FAILED (client reset) when no candidate accepted.
+ * Addresses and ports are in network byte order. */
+static int consulate_relay_connect(consulate_relay_engine *e, uint64_t id, int client_fd,
+                                   const uint32_t *addrs, const uint16_t *ports, int count,
+                                   uint32_t mark)
+{
+    int i;
+    struct conn *c;
+    if (count < 1 || count > MAX_CANDIDATES)
+        return -EINVAL;
+    if ((c = calloc(1, sizeof(*c))) == NULL)
+        return -ENOMEM;
+    c->id = id;
+    c->fd[0] = client_fd;
+    c->fd[1] = -1;
+    for (i = 0; i < 2; i++) {
+        c->sides[i].conn = c;
+        c->sides[i].index = i;
+        c->dir[i].pipe_r = c->dir[i].pipe_w = -1;
+    }
+    for (i = 0; i < count; i++) {
+        c->candidates[i].sin_family = AF_INET;
+        c->candidates[i].sin_addr.s_addr = addrs[i];
+        c->candidates[i].sin_port = ports[i];
+    }
+    c->ncandidates = count;
+    c->mark = mark;
+    c->connecting = 1;
+    c->last_active = now_seconds();
+    pthread_mutex_lock(&e->lock);
+    if (e->stopping) {
+        pthread_mutex_unlock(&e->lock);
+        free(c);
+        return -ESHUTDOWN;
+    }
+    c->next = e->conns;
+    if (e->conns)
+        e->conns->prev = c;
+    e->conns = c;
+    e->active++;
+    e->connecting++;
+    if (start_attempt(e, c, c->last_active) != 0) {
+        finish(e, c, REASON_CONNECT_FAILED, c->last_error);
+        bury(e);
+        notify(e);
+    }
     pthread_mutex_unlock(&e->lock);
     return 0;
 }

@@ -14,9 +14,11 @@ import asyncio
 import errno
 import itertools
 import logging
+import os
 import socket
 import struct
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 from consulate.proxy.origdst import original_dst
@@ -38,7 +40,8 @@ class NativeRelay(Protocol):
     @property
     def notify_fd(self) -> int: ...
 
-    def add(self, conn_id: int, a: socket.socket, b: socket.socket) -> None: ...
+    def connect(self, conn_id: int, client: socket.socket,
+                candidates: Sequence[tuple[str, int]], mark: int = 0) -> None: ...
 
     def poll(self) -> Sequence[_Result]: ...
 
@@ -54,6 +57,25 @@ class _Result(Protocol):
 
     @property
     def bytes_b_to_a(self) -> int: ...
+
+    @property
+    def reason(self) -> str: ...
+
+    @property
+    def error(self) -> int: ...
+
+    @property
+    def failed_mask(self) -> int: ...
+
+
+@dataclass
+class _Route:
+    """A connection's routing decision: made once, in Python, whichever relay runs it."""
+
+    peer: tuple[str, int]
+    service: str
+    counters: ServiceCounters
+    candidates: list[Endpoint]
 
 
 class TransparentProxy:
@@ -76,7 +98,7 @@ class TransparentProxy:
         self._attempts = attempts
         self._listener: socket.socket | None = None
         self._ids = itertools.count(1)
-        self._in_engine: dict[int, ServiceCounters] = {}
+        self._in_engine: dict[int, _Route] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._python = PythonRelay()
 
@@ -128,31 +150,30 @@ class TransparentProxy:
                 log.warning("event=accept-failed error=%r", exc.strerror)
                 return
             client.setblocking(False)
-            task = loop.create_task(self._route(client, peer))
+            route = self._route(client, peer)
+            if route is None or self._hand_to_engine(client, route):
+                continue
+            task = loop.create_task(self._connect_and_relay(client, route))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _route(self, client: socket.socket, peer: tuple[str, int]) -> None:
-        try:
-            await self._route_or_reject(client, peer)
-        except BaseException:
-            client.close()
-            raise
-
-    async def _route_or_reject(self, client: socket.socket, peer: tuple[str, int]) -> None:
+    def _route(self, client: socket.socket, peer: tuple[str, int]) -> _Route | None:
+        """Where this connection goes, or None after resetting it (logged, counted)."""
         try:
             vip, port = original_dst(client)
         except (OSError, ValueError) as exc:
             self.stats.unrouted += 1
             log.warning("event=reject client=%s:%d reason=no-original-destination error=%s",
                         *peer, exc)
-            return _reset(client)
+            _reset(client)
+            return None
         service = self.table.service_by_vip(vip)
         if service is None:
             self.stats.unrouted += 1
             log.warning("event=reject client=%s:%d destination=%s:%d reason=unknown-vip",
                         *peer, vip, port)
-            return _reset(client)
+            _reset(client)
+            return None
         counters = self.stats.of(service.name)
         counters.connections_total += 1
         candidates = service.balancer.candidates(service.endpoints, self._attempts)
@@ -160,17 +181,46 @@ class TransparentProxy:
             counters.rejected += 1
             log.warning("event=reject client=%s:%d service=%s vip=%s reason=no-endpoints",
                         *peer, service.name, vip)
-            return _reset(client)
-        for endpoint in candidates:
-            upstream = await self._connect(endpoint, counters)
-            if upstream is not None:
-                counters.connections_active += 1
-                await self._relay(client, upstream, counters)
-                return None
-        counters.rejected += 1
+            _reset(client)
+            return None
+        return _Route(peer, service.name, counters, candidates)
+
+    def _hand_to_engine(self, client: socket.socket, route: _Route) -> bool:
+        """Give the connection (connect attempts included) to the native engine."""
+        if self._engine is None:
+            return False
+        conn_id = next(self._ids)
+        try:
+            self._engine.connect(conn_id, client,
+                                 [(e.address, e.port) for e in route.candidates], self._mark)
+        except OSError as exc:
+            log.warning("event=native-declined errno=%s fallback=python",
+                        errno.errorcode.get(exc.errno or 0, exc.errno))
+            return False
+        route.counters.connections_active += 1
+        self._in_engine[conn_id] = route
+        return True
+
+    async def _connect_and_relay(self, client: socket.socket, route: _Route) -> None:
+        try:
+            for endpoint in route.candidates:
+                upstream = await self._connect(endpoint, route.counters)
+                if upstream is not None:
+                    route.counters.connections_active += 1
+                    await self._python.add(
+                        client, upstream,
+                        to_upstream=_adder(route.counters, "bytes_to_upstream"),
+                        to_client=_adder(route.counters, "bytes_to_client"),
+                        on_closed=lambda: _finished(route.counters),
+                    )
+                    return
+        except BaseException:
+            client.close()
+            raise
+        route.counters.rejected += 1
         log.warning("event=reject client=%s:%d service=%s reason=all-attempts-failed "
-                    "attempts=%d", *peer, service.name, len(candidates))
-        return _reset(client)
+                    "attempts=%d", *route.peer, route.service, len(route.candidates))
+        _reset(client)
 
     async def _connect(
         self, endpoint: Endpoint, counters: ServiceCounters
@@ -197,27 +247,7 @@ class TransparentProxy:
             sock.close()
             raise
 
-    # -- relay -------------------------------------------------------------------
-
-    async def _relay(self, client: socket.socket, upstream: socket.socket,
-                     counters: ServiceCounters) -> None:
-        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if self._engine is not None:
-            conn_id = next(self._ids)
-            try:
-                self._engine.add(conn_id, client, upstream)
-            except OSError as exc:
-                log.warning("event=native-declined errno=%s fallback=python",
-                            errno.errorcode.get(exc.errno or 0, exc.errno))
-            else:
-                self._in_engine[conn_id] = counters
-                return
-        await self._python.add(
-            client, upstream,
-            to_upstream=_adder(counters, "bytes_to_upstream"),
-            to_client=_adder(counters, "bytes_to_client"),
-            on_closed=lambda: _finished(counters),
-        )
+    # -- native engine results ----------------------------------------------------
 
     def _engine_results(self) -> None:
         assert self._engine is not None
@@ -225,11 +255,23 @@ class TransparentProxy:
 
     def _account(self, results: Sequence[_Result]) -> None:
         for result in results:
-            counters = self._in_engine.pop(result.id, None)
-            if counters is not None:
-                counters.bytes_to_upstream += result.bytes_a_to_b
-                counters.bytes_to_client += result.bytes_b_to_a
-                _finished(counters)
+            route = self._in_engine.pop(result.id, None)
+            if route is None:
+                continue
+            counters = route.counters
+            for i, endpoint in enumerate(route.candidates):
+                if result.failed_mask & (1 << i):
+                    counters.connect_failures += 1
+                    log.warning("event=connect-failed service=%s endpoint=%s address=%s:%d",
+                                endpoint.service, endpoint.id, endpoint.address, endpoint.port)
+            if result.reason == "connect-failed":
+                counters.rejected += 1
+                log.warning("event=reject client=%s:%d service=%s reason=all-attempts-failed "
+                            "attempts=%d error=%r", *route.peer, route.service,
+                            len(route.candidates), os.strerror(result.error))
+            counters.bytes_to_upstream += result.bytes_a_to_b
+            counters.bytes_to_client += result.bytes_b_to_a
+            _finished(counters)
 
 
 def _reset(sock: socket.socket) -> None:

@@ -77,10 +77,15 @@ def mesh_lab() -> Iterator[labmod.Lab]:
         yield built
 
 
-@pytest.fixture(scope="module")
-def agent(mesh_lab: labmod.Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabAgent]:
-    work = tmp_path_factory.mktemp("agent")
-    running = LabAgent(mesh_lab, 1, work / "data", work / "agent.log").start()
+@pytest.fixture(scope="module", params=["native", "python"])
+def agent(
+    request: pytest.FixtureRequest, mesh_lab: labmod.Lab, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LabAgent]:
+    """The agent in h1, once with each relay: the end-to-end suite runs against both."""
+    work = tmp_path_factory.mktemp(f"agent-{request.param}")
+    running = LabAgent(mesh_lab, 1, work / "data", work / "agent.log",
+                       extra_args=["--relay", request.param, "--connect-timeout", "1"]).start()
+    assert running.api("GET", "/v1/agent/self")["Stats"]["relay"]["engine"] == request.param
     try:
         yield running
     finally:
@@ -88,7 +93,8 @@ def agent(mesh_lab: labmod.Lab, tmp_path_factory: pytest.TempPathFactory) -> Ite
 
 
 @pytest.fixture(scope="module")
-def peers(mesh_lab: labmod.Lab) -> Iterator[Peers]:
+def peers(mesh_lab: labmod.Lab, agent: LabAgent) -> Iterator[Peers]:
+    """Test servers, started afresh for each agent (each relay)."""
     started = Peers(mesh_lab)
     try:
         yield started

@@ -92,3 +92,20 @@ def test_slow_reader_does_not_make_the_agent_buffer(
     # Kernel socket buffers along the path hold a few MiB each; an agent that kept
     # reading would have taken in gigabytes in 3 s.
     assert 0 < flood["accepted"] < 48 * MiB, flood
+
+
+def test_unanswered_connect_times_out_and_retries_elsewhere(
+    mesh_lab: Lab, agent: LabAgent, peers: Peers
+) -> None:
+    peers.serve("h1c2", "slow-2", 5050)
+    # c3 drops SYNs to 5050: connecting there hangs until the agent's timeout (1 s).
+    mesh_lab.exec("h1c3", ["iptables", "-A", "INPUT", "-p", "tcp", "--dport", "5050",
+                           "-j", "DROP"], check=True)
+    for j in (2, 3):
+        agent.register("slow", f"slow-{j}", mesh_lab.container_ip(1, j), 5050)
+    results = peers.connect("h1c4", "slow.service.consul", 5050, count=4)
+    assert [r["id"] for r in results] == ["slow-2"] * 4
+    assert sum(r["elapsed"] >= 0.9 for r in results) == 2  # every other one waited 1 s
+    counters = agent.api("GET", "/v1/agent/self")["Stats"]["proxy"]["services"]["slow"]
+    assert (counters["connect_failures"], counters["rejected"]) == (2, 0)
+    assert "event=connect-failed service=slow endpoint=slow-3" in agent.log()
