@@ -18,6 +18,7 @@ import ipaddress
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -328,6 +329,23 @@ def start_socat(env: Env) -> Running:
                    _stop_all(groups), "one process per port, a fork per connection")
 
 
+def start_minimal_uvloop(env: Env) -> Running:
+    """The yardstick for the Python relay: bench/minimal_proxy.py, one process."""
+    bridge, server = env.lab.bridge_ip(1), env.lab.container_ip(1, 1)
+    pairs = [f"{bridge}:{b.proxy_port}={server}:{b.port}" for b in BACKENDS]
+    group = spawn(env.lab, HOST, "minimal uvloop proxy",
+                  [*taskset(env.proxy_cpus), sys.executable, "-m", "bench.minimal_proxy", *pairs],
+                  env.work / "minimal-proxy.log")
+    try:
+        for b in BACKENDS:
+            wait_listening(env.lab, HOST, b.proxy_port, group)
+    except BaseException:
+        group.stop()
+        raise
+    return Running({b.key: (bridge, b.proxy_port) for b in BACKENDS}, [group],
+                   _stop_all([group]), "two uvloop Protocols back to back, nothing else")
+
+
 def resolve_vip(lab: Lab, service: str) -> str:
     """The VIP c2 gets for ``service`` from the agent's DNS (as any client would)."""
     name = f"{service}.service.consul"
@@ -388,6 +406,8 @@ VARIANTS: dict[str, tuple[str, Callable[[Env], Running]]] = {
     "haproxy-buf64k": ("HAProxy `mode tcp` + `tune.bufsize 65536`",
                        functools.partial(start_haproxy, global_lines=["tune.bufsize 65536"])),
     "socat": ("`socat TCP-LISTEN:port,fork,reuseaddr TCP:c1:port`", start_socat),
+    "uvloop-minimal": ("bench/minimal_proxy.py: a minimal uvloop Protocol proxy, the "
+                       "yardstick for the Python relay", start_minimal_uvloop),
 }
 
 
