@@ -30,7 +30,8 @@ typedef struct consulate_relay_engine consulate_relay_engine;
 
 int consulate_splice_probe(void);
 consulate_relay_engine *consulate_relay_new(int pipe_size, size_t splice_threshold,
-                                            double idle_timeout, double connect_timeout);
+                                            double idle_timeout, double connect_timeout,
+                                            int policy);
 int consulate_relay_notify_fd(consulate_relay_engine *e);
 int consulate_relay_add(consulate_relay_engine *e, uint64_t id, int fd_a, int fd_b);
 int consulate_relay_connect(consulate_relay_engine *e, uint64_t id, int client_fd,

@@ -22,6 +22,10 @@ REASONS = ("done", "error", "idle", "stopped", "connect-failed")
 MAX_CANDIDATES = 8
 DEFAULT_PIPE_SIZE = 1 << 20  # 1 MiB pipes move ~45% more than 64 KiB ones here
 DEFAULT_SPLICE_THRESHOLD = 4096  # below this a splice read drops back to copying
+# Mode policies, in the order of relay.c's POLICY_* values (the index is passed).
+# adaptive: copy, splice once a recv fills 16 KiB, copy again below the threshold;
+# copy: never splice; splice: splice from the first read on, never drop back.
+MODES = ("adaptive", "copy", "splice")
 
 
 @dataclass(frozen=True)
@@ -55,9 +59,12 @@ class SpliceEngine:
         splice_threshold: int = DEFAULT_SPLICE_THRESHOLD,
         idle_timeout: float = 0.0,
         connect_timeout: float = 2.0,
+        mode: str = "adaptive",
     ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode {mode!r}: expected one of {', '.join(MODES)}")
         handle = _lib.consulate_relay_new(pipe_size, splice_threshold, idle_timeout,
-                                          connect_timeout)
+                                          connect_timeout, MODES.index(mode))
         if handle == _ffi.NULL:
             code = _ffi.errno
             raise OSError(code, f"cannot start the relay engine: {os.strerror(code)}")

@@ -12,7 +12,10 @@
  * F_SETPIPE_SZ), so the payload never crosses into user space. A splice read
  * that returns less than the threshold switches it back. HAProxy makes the same
  * choice (raw_sock_to_pipe, 4 KiB); the crossover on these machines is measured
- * by bench/ and documented in bench/results/tcp.md.
+ * by bench/splice_crossover.py and documented in bench/results/splice-crossover.md.
+ * That is the adaptive policy (the default); the engine can also be told to
+ * always copy or always splice (see enum below), which is what the benchmark
+ * compares it with, and an escape hatch where splice(2) misbehaves.
  *
  * Half-close: when one side reaches EOF and its data is flushed, the other side
  * gets shutdown(SHUT_WR); the connection ends when both directions have. An
@@ -39,6 +42,10 @@
 #define PIPE_POOL_MAX 1024
 
 enum { MODE_COPY = 0, MODE_SPLICE = 1 };
+/* Engine-wide policy for switching a direction's mode (values are the API):
+ * adaptive = copy first, upgrade on a full recv, drop back below the threshold;
+ * copy = never splice; splice = splice from the first read, never drop back. */
+enum { POLICY_ADAPTIVE = 0, POLICY_COPY = 1, POLICY_SPLICE = 2 };
 enum { REASON_DONE = 0, REASON_ERROR = 1, REASON_IDLE = 2, REASON_STOPPED = 3,
        REASON_CONNECT_FAILED = 4 };
 #define MAX_CANDIDATES 8
@@ -110,6 +117,7 @@ typedef struct consulate_relay_engine {
     uint64_t pipes_open;
     int pipe_size;
     size_t splice_threshold;
+    int policy; /* POLICY_*, fixed at creation */
     double idle_timeout;
 } consulate_relay_engine;
 
@@ -218,6 +226,12 @@ static int pump(consulate_relay_engine *e, struct direction *d, int *moved)
             }
             return 0;
         }
+        /* Forced splice: take the pipe lazily at the first read (here, where the
+         * engine lock is held); if none can be had, this read copies and the next
+         * one tries again. */
+        if (d->mode == MODE_COPY && e->policy == POLICY_SPLICE &&
+            (d->pipe_r >= 0 || pipe_take(e, d) == 0))
+            d->mode = MODE_SPLICE;
         if (d->mode == MODE_SPLICE) {
             n = splice(d->src, NULL, d->pipe_w, NULL, (size_t)e->pipe_size,
                        SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
@@ -228,7 +242,7 @@ static int pump(consulate_relay_engine *e, struct direction *d, int *moved)
                 continue;
             }
             d->in_pipe = (size_t)n;
-            if ((size_t)n < e->splice_threshold)
+            if ((size_t)n < e->splice_threshold && e->policy == POLICY_ADAPTIVE)
                 d->mode = MODE_COPY; /* trickling again: copying is cheaper */
             *moved = 1;
             continue;
@@ -245,7 +259,8 @@ static int pump(consulate_relay_engine *e, struct direction *d, int *moved)
         d->buf_off = 0;
         d->buf_len = (size_t)n;
         *moved = 1;
-        if (n == COPY_BUF_SIZE && (d->pipe_r >= 0 || pipe_take(e, d) == 0))
+        if (n == COPY_BUF_SIZE && e->policy == POLICY_ADAPTIVE &&
+            (d->pipe_r >= 0 || pipe_take(e, d) == 0))
             d->mode = MODE_SPLICE; /* bulk: splice from the next read on */
     }
 }
@@ -532,17 +547,25 @@ static void *engine_main(void *arg)
 
 /* -- public API ---------------------------------------------------------------- */
 
+/* policy is one of POLICY_*; anything else fails with EINVAL. */
 static consulate_relay_engine *consulate_relay_new(int pipe_size, size_t splice_threshold,
-                                                   double idle_timeout, double connect_timeout)
+                                                   double idle_timeout, double connect_timeout,
+                                                   int policy)
 {
     struct epoll_event ev;
     int err;
-    consulate_relay_engine *e = calloc(1, sizeof(*e));
+    consulate_relay_engine *e;
+    if (policy < POLICY_ADAPTIVE || policy > POLICY_SPLICE) {
+        errno = EINVAL;
+        return NULL;
+    }
+    e = calloc(1, sizeof(*e));
     if (e == NULL)
         return NULL;
     e->epfd = e->wake_fd = e->notify_fd = -1;
     e->pipe_size = pipe_size;
     e->splice_threshold = splice_threshold;
+    e->policy = policy;
     e->idle_timeout = idle_timeout;
     e->connect_timeout = connect_timeout;
     pthread_mutex_init(&e->lock, NULL);
@@ -635,10 +658,13 @@ static int consulate_relay_connect(consulate_relay_engine *e, uint64_t id, int c
                                    const uint32_t *addrs, const uint16_t *ports, int count,
                                    uint32_t mark)
 {
-    int i;
+    int i, one = 1;
     struct conn *c;
     if (count < 1 || count > MAX_CANDIDATES)
         return -EINVAL;
+    /* Without it, a response split over two writes waits for the client's
+     * delayed ACK (40 ms); the upstream sockets get it in start_attempt. */
+    (void)setsockopt(client_fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
     if ((c = calloc(1, sizeof(*c))) == NULL)
         return -ENOMEM;
     c->id = id;
