@@ -17,7 +17,7 @@ APT_PACKAGES := iptables iproute2 dnsutils busybox-static wget util-linux procps
 	libnetfilter-queue-dev libffi-dev build-essential python3-dev python3-venv \
 	iperf3 wrk haproxy socat nginx-light
 
-.PHONY: run test demo lint deps clean bench bench-tcp
+.PHONY: run test demo lint deps clean bench bench-tcp bench-splice
 
 run: deps
 	exec $(BIN)/consulate agent $(ARGS)
@@ -30,10 +30,14 @@ demo: deps
 
 # Benchmarks are not tests: `make test` never runs them. Options go in BENCH_ARGS,
 # e.g. make bench-tcp BENCH_ARGS="--variants direct,haproxy --reps 1".
-bench: bench-tcp
+bench: bench-tcp bench-splice
 
 bench-tcp: deps $(STAMP)/bench
 	$(BIN)/python -m bench.tcp $(BENCH_ARGS)
+
+# Where splice(2) starts to beat recv/send in the engine (its mode thresholds).
+bench-splice: deps $(STAMP)/bench
+	$(BIN)/python -m bench.splice_crossover
 
 # mypy cannot follow setuptools' package-dir mapping, so it checks the package
 # through a tree of symlinks shaped like the installed one.

@@ -63,6 +63,7 @@ class _Side(asyncio.Protocol):
 
 async def _serve(listen: tuple[str, int], target: tuple[str, int]) -> None:
     loop = asyncio.get_running_loop()
+    tasks: set[asyncio.Task[None]] = set()
 
     def client_side() -> _Side:
         side = _Side()
@@ -84,7 +85,12 @@ async def _serve(listen: tuple[str, int], target: tuple[str, int]) -> None:
             if side.eof:
                 upstream.transport.write_eof()
 
-        loop.call_soon(lambda: loop.create_task(connect()))
+        def start() -> None:
+            task = loop.create_task(connect())
+            tasks.add(task)  # a task nobody references can be collected mid-connect
+            task.add_done_callback(tasks.discard)
+
+        loop.call_soon(start)
         return side
 
     server = await loop.create_server(client_side, *listen, backlog=4096)

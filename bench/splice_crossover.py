@@ -44,7 +44,6 @@ SIZES = [256, KiB, 4 * KiB, 8 * KiB, 16 * KiB, 64 * KiB, 256 * KiB, 1024 * KiB]
 MODES = ["copy", "splice", "adaptive"]
 RESULTS = Path(__file__).resolve().parent / "results"
 TICK = os.sysconf("SC_CLK_TCK")
-NODELAY_CLIENT_SIDE = True  # False: the engine's client-facing socket as production has it
 
 
 @dataclass
@@ -80,12 +79,9 @@ class Relay:
         self.server, _ = back.accept()
         front.close()
         back.close()
-        # Nagle off everywhere: with it on the engine's client-facing socket (as
-        # proxy/server.py accepts it today), copy-mode echoes of >= 64 KiB wait
-        # ~40 ms for delayed ACKs and the table would measure that, not the relay.
+        # Nagle off everywhere, as in production: with it on, echoes of >= 64 KiB
+        # wait ~40 ms for delayed ACKs and the table would measure that, not the relay.
         for sock in (self.client, a, b, self.server):
-            if sock is a and not NODELAY_CLIENT_SIDE:
-                continue
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         a.setblocking(False)
         b.setblocking(False)
@@ -285,8 +281,7 @@ def main() -> int:
         f"| duration | {DURATION:g} s per run; total {minutes:.1f} min |",
         "| path | one process: client thread -> 127.0.0.1 -> engine thread (C, epoll) -> "
         "127.0.0.1 -> server thread; blocking sockets at the ends; TCP_NODELAY on all four "
-        "sockets (production leaves it off on the engine's client-facing socket: see the "
-        "note) |",
+        "sockets, as the agent sets it |",
         "| engine | `SpliceEngine(mode=...)`, defaults otherwise: 1 MiB pipes, "
         f"splice_threshold {DEFAULT_SPLICE_THRESHOLD}, 16 KiB copy buffer |",
         "| pinning | none: client, server and engine threads share the cores |",
