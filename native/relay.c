@@ -600,15 +600,12 @@ static int consulate_relay_notify_fd(consulate_relay_engine *e)
     return e->notify_fd;
 }
 
-/* Takes ownership of both sockets on success (returns 0); on failure returns
- * -errno and the caller still owns them. */
-static int consulate_relay_add(consulate_relay_engine *e, uint64_t id, int fd_a, int fd_b)
+static struct conn *conn_new(uint64_t id, int fd_a, int fd_b)
 {
-    struct epoll_event ev;
-    int i, err;
+    int i;
     struct conn *c = calloc(1, sizeof(*c));
     if (c == NULL)
-        return -ENOMEM;
+        return NULL;
     c->id = id;
     c->fd[0] = fd_a;
     c->fd[1] = fd_b;
@@ -620,6 +617,28 @@ static int consulate_relay_add(consulate_relay_engine *e, uint64_t id, int fd_a,
         c->dir[i].pipe_r = c->dir[i].pipe_w = -1;
     }
     c->last_active = now_seconds();
+    return c;
+}
+
+/* Engine lock held. */
+static void conn_link(consulate_relay_engine *e, struct conn *c)
+{
+    c->next = e->conns;
+    if (e->conns)
+        e->conns->prev = c;
+    e->conns = c;
+    e->active++;
+}
+
+/* Takes ownership of both sockets on success (returns 0); on failure returns
+ * -errno and the caller still owns them. */
+static int consulate_relay_add(consulate_relay_engine *e, uint64_t id, int fd_a, int fd_b)
+{
+    struct epoll_event ev;
+    int i, err;
+    struct conn *c = conn_new(id, fd_a, fd_b);
+    if (c == NULL)
+        return -ENOMEM;
     pthread_mutex_lock(&e->lock);
     if (e->stopping) {
         pthread_mutex_unlock(&e->lock);
@@ -640,11 +659,7 @@ static int consulate_relay_add(consulate_relay_engine *e, uint64_t id, int fd_a,
             return -err;
         }
     }
-    c->next = e->conns;
-    if (e->conns)
-        e->conns->prev = c;
-    e->conns = c;
-    e->active++;
+    conn_link(e, c);
     pthread_mutex_unlock(&e->lock);
     return 0;
 }
@@ -665,16 +680,8 @@ static int consulate_relay_connect(consulate_relay_engine *e, uint64_t id, int c
     /* Without it, a response split over two writes waits for the client's
      * delayed ACK (40 ms); the upstream sockets get it in start_attempt. */
     (void)setsockopt(client_fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-    if ((c = calloc(1, sizeof(*c))) == NULL)
+    if ((c = conn_new(id, client_fd, -1)) == NULL)
         return -ENOMEM;
-    c->id = id;
-    c->fd[0] = client_fd;
-    c->fd[1] = -1;
-    for (i = 0; i < 2; i++) {
-        c->sides[i].conn = c;
-        c->sides[i].index = i;
-        c->dir[i].pipe_r = c->dir[i].pipe_w = -1;
-    }
     for (i = 0; i < count; i++) {
         c->candidates[i].sin_family = AF_INET;
         c->candidates[i].sin_addr.s_addr = addrs[i];
@@ -683,18 +690,13 @@ static int consulate_relay_connect(consulate_relay_engine *e, uint64_t id, int c
     c->ncandidates = count;
     c->mark = mark;
     c->connecting = 1;
-    c->last_active = now_seconds();
     pthread_mutex_lock(&e->lock);
     if (e->stopping) {
         pthread_mutex_unlock(&e->lock);
         free(c);
         return -ESHUTDOWN;
     }
-    c->next = e->conns;
-    if (e->conns)
-        e->conns->prev = c;
-    e->conns = c;
-    e->active++;
+    conn_link(e, c);
     e->connecting++;
     if (start_attempt(e, c, c->last_active) != 0) {
         finish(e, c, REASON_CONNECT_FAILED, c->last_error);
