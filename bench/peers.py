@@ -297,18 +297,27 @@ def start_haproxy(env: Env, global_lines: Sequence[str] = (),
                            text=True)
     if check.returncode != 0:
         raise PeerError(f"haproxy rejects {cfg}: {(check.stdout + check.stderr).strip()}")
-    group = spawn(env.lab, HOST, "haproxy",
-                  [*taskset(env.proxy_cpus), "haproxy", "-db", "-f", str(cfg)],
-                  env.work / "haproxy.log")
+    group = _one_listener_process(env, "haproxy", ["haproxy", "-db", "-f", str(cfg)],
+                                  env.work / "haproxy.log")
+    return _on_bridge(env, group, f"{group.threads()} thread(s)")
+
+
+def _one_listener_process(env: Env, name: str, argv: Sequence[str], log: Path) -> Group:
+    """A proxy process in h1 listening on every backend's proxy port (pinned if asked)."""
+    group = spawn(env.lab, HOST, name, [*taskset(env.proxy_cpus), *argv], log)
     try:
         for backend in BACKENDS:
             wait_listening(env.lab, HOST, backend.proxy_port, group)
     except BaseException:
         group.stop()
         raise
+    return group
+
+
+def _on_bridge(env: Env, group: Group, note: str) -> Running:
     bridge = env.lab.bridge_ip(1)
     return Running({b.key: (bridge, b.proxy_port) for b in BACKENDS}, [group],
-                   _stop_all([group]), f"{group.threads()} thread(s)")
+                   _stop_all([group]), note)
 
 
 def start_socat(env: Env) -> Running:
@@ -333,17 +342,10 @@ def start_minimal_uvloop(env: Env) -> Running:
     """The yardstick for the Python relay: bench/minimal_proxy.py, one process."""
     bridge, server = env.lab.bridge_ip(1), env.lab.container_ip(1, 1)
     pairs = [f"{bridge}:{b.proxy_port}={server}:{b.port}" for b in BACKENDS]
-    group = spawn(env.lab, HOST, "minimal uvloop proxy",
-                  [*taskset(env.proxy_cpus), sys.executable, "-m", "bench.minimal_proxy", *pairs],
-                  env.work / "minimal-proxy.log")
-    try:
-        for b in BACKENDS:
-            wait_listening(env.lab, HOST, b.proxy_port, group)
-    except BaseException:
-        group.stop()
-        raise
-    return Running({b.key: (bridge, b.proxy_port) for b in BACKENDS}, [group],
-                   _stop_all([group]), "two uvloop Protocols back to back, nothing else")
+    group = _one_listener_process(env, "minimal uvloop proxy",
+                                  [sys.executable, "-m", "bench.minimal_proxy", *pairs],
+                                  env.work / "minimal-proxy.log")
+    return _on_bridge(env, group, "two uvloop Protocols back to back, nothing else")
 
 
 def resolve_vip(lab: Lab, service: str) -> str:
