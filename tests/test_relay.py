@@ -7,6 +7,7 @@ ends, so it checks exactly what each end sent and received.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hashlib
 import os
 import socket
@@ -275,3 +276,33 @@ async def test_shutdown_with_open_connections_leaks_nothing(kind: str) -> None:
         assert [r.reason for r in harness.results] == ["stopped"] * 20
     assert _open_fds() == fds  # no socket, pipe, eventfd or epoll fd left
     assert _threads() == threads  # the engine's thread is gone
+
+
+async def test_many_short_connections_closed_by_the_server(relay: Harness) -> None:
+    """Request, a 1 MiB answer, the server closes first; 32 connections at a time.
+
+    The half-close reaches the client only after the buffered answer (the Python
+    relay defers its FIN until the buffer drains, see proxy/relay.py
+    ``_forward_eof``), and every answer arrives whole.
+    """
+    # Large enough that the relay still holds some of it when the server's EOF comes.
+    answer = b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + b"x" * (1 << 20)
+
+    def exchange(pair: tuple[socket.socket, socket.socket]) -> bytes:
+        client, server = pair
+        client.sendall(b"GET / HTTP/1.1\r\n\r\n")
+        server.recv(100)
+        server.sendall(answer)
+        server.close()
+        got = recv_all(client)
+        client.close()
+        return got
+
+    rounds = 10
+    for _ in range(rounds):
+        pairs = [await relay.pair() for _ in range(32)]
+        with concurrent.futures.ThreadPoolExecutor(32) as pool:
+            got = await asyncio.get_running_loop().run_in_executor(
+                None, lambda: list(pool.map(exchange, pairs)))  # noqa: B023
+        assert got == [answer] * 32
+    await relay.wait_finished(rounds * 32)
