@@ -10,9 +10,21 @@ buffer flow control, half-close, nothing else. Not used by consulate itself.
 from __future__ import annotations
 
 import asyncio
+import socket
 import sys
 
 import uvloop
+
+
+def _half_close(transport: asyncio.Transport) -> None:
+    """shutdown(SHUT_WR), not write_eof(): uvloop 0.23 double-frees when a
+    write_eof() is followed by close() under load (see proxy/relay.py)."""
+    if transport.get_write_buffer_size():
+        transport.close()  # rare here: flushes, then closes both ways
+        return
+    fd = transport.get_extra_info("socket").fileno()
+    with socket.fromfd(fd, socket.AF_INET, socket.SOCK_STREAM) as dup:
+        dup.shutdown(socket.SHUT_WR)
 
 
 class _Side(asyncio.Protocol):
@@ -42,7 +54,7 @@ class _Side(asyncio.Protocol):
         self.eof = True
         other = self._other()
         if other is not None:
-            other.write_eof()
+            _half_close(other)
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -83,7 +95,7 @@ async def _serve(listen: tuple[str, int], target: tuple[str, int]) -> None:
             for chunk in side.early:
                 upstream.transport.write(chunk)
             if side.eof:
-                upstream.transport.write_eof()
+                _half_close(upstream.transport)
 
         def start() -> None:
             task = loop.create_task(connect())
