@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 import time
@@ -80,7 +81,7 @@ class Agent:
         self.dns = DnsServer(Responder(self._vip_of, config.domain))
         self.ready = False
 
-    def _vip_of(self, name: str) -> Any:
+    def _vip_of(self, name: str) -> ipaddress.IPv4Address | None:
         service = self.table.service_folded(name)
         return service.vip if service is not None else None
 

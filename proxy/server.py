@@ -17,7 +17,7 @@ import logging
 import os
 import socket
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -209,8 +209,8 @@ class TransparentProxy:
                     route.counters.connections_active += 1
                     await self._python.add(
                         client, upstream,
-                        to_upstream=_adder(route.counters, "bytes_to_upstream"),
-                        to_client=_adder(route.counters, "bytes_to_client"),
+                        to_upstream=route.counters.count_to_upstream,
+                        to_client=route.counters.count_to_client,
                         on_closed=lambda: _finished(route.counters),
                     )
                     return
@@ -282,10 +282,3 @@ def _reset(sock: socket.socket) -> None:
 
 def _finished(counters: ServiceCounters) -> None:
     counters.connections_active -= 1
-
-
-def _adder(counters: ServiceCounters, field: str) -> Callable[[int], None]:
-    def add(n: int) -> None:
-        setattr(counters, field, getattr(counters, field) + n)
-
-    return add

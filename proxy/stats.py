@@ -16,6 +16,13 @@ class ServiceCounters:
     bytes_to_upstream: int = 0
     bytes_to_client: int = 0
 
+    # Bound methods handed to the Python relay as per-chunk callbacks (hot path).
+    def count_to_upstream(self, n: int) -> None:
+        self.bytes_to_upstream += n
+
+    def count_to_client(self, n: int) -> None:
+        self.bytes_to_client += n
+
 
 class ProxyStats:
     """All counters of one proxy; ``unrouted`` counts connections to no known VIP."""

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import sqlite3
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -307,23 +307,23 @@ async def test_deregistered_ttl_instance_does_not_expire_again(
     assert await registry.wait_for_index(2, timeout=0.25) == 2
 
 
-async def test_close_right_after_a_heartbeat_returns(db_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("renew", "what"),
+    [
+        (lambda reg: reg.heartbeat("web-1"), "heartbeat()"),
+        (lambda reg: reg.register(web(ttl=5.0)), "a TTL renewal"),  # identical: renews
+    ],
+)
+async def test_close_right_after_a_renewal_returns(
+    db_path: Path, renew: Callable[[EmbeddedRegistry], Awaitable[object]], what: str
+) -> None:
     """An agent that heartbeats and then shuts down must not hang in close()."""
     reg = EmbeddedRegistry(db_path)
     reaper = start(reg)
     await reg.register(web(ttl=5.0))
     await asyncio.sleep(0.05)  # the reaper is now waiting for the next deadline
-    await reg.heartbeat("web-1")
-    assert await close_within(reg, reaper, 0.3), "close() hung after heartbeat()"
-
-
-async def test_close_right_after_a_renewing_registration_returns(db_path: Path) -> None:
-    reg = EmbeddedRegistry(db_path)
-    reaper = start(reg)
-    await reg.register(web(ttl=5.0))
-    await asyncio.sleep(0.05)
-    await reg.register(web(ttl=5.0))  # identical: renews the TTL
-    assert await close_within(reg, reaper, 0.3), "close() hung after a TTL renewal"
+    await renew(reg)
+    assert await close_within(reg, reaper, 0.3), f"close() hung after {what}"
 
 
 async def test_close_of_an_idle_registry_returns(db_path: Path) -> None:
