@@ -15,7 +15,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -26,9 +26,12 @@ from consulate.control.registry import Change, EmbeddedRegistry, Instance
 from consulate.dns.answer import Responder
 from consulate.dns.server import DnsServer
 from consulate.proxy import iptables, localroute
-from consulate.proxy.server import NativeRelay, TransparentProxy
+from consulate.proxy.server import TransparentProxy
 from consulate.proxy.table import Endpoint, RouteTable
 from consulate.proxy.vip import VipAllocator
+
+if TYPE_CHECKING:
+    from consulate.native.engine import SpliceEngine
 
 log = logging.getLogger("consulate.agent")
 
@@ -156,7 +159,7 @@ class Agent:
                            "services": {s.name: {"vip": str(s.vip),
                                                  "endpoints": len(s.endpoints)}
                                         for s in self.table.services()}},
-                "proxy": self.proxy.stats.snapshot(),
+                "proxy": self.proxy.stats_snapshot(),
                 "relay": {"engine": self.proxy.relay_name, "native_extension": caps.extension,
                           "splice_available": caps.splice},
                 "iptables": {"enabled": cfg.iptables, "vip_cidr": cfg.vip_cidr,
@@ -165,7 +168,7 @@ class Agent:
         }
 
 
-def _relay_engine(config: AgentConfig) -> NativeRelay | None:
+def _relay_engine(config: AgentConfig) -> SpliceEngine | None:
     """The native engine for ``--relay native|auto`` when it can run here, else None."""
     choice = config.relay
     caps = native.capabilities()

@@ -18,13 +18,32 @@ typedef struct consulate_relay_result {
     int reason;
     int error;
     uint32_t failed_mask;
+    uint32_t service;
+    uint32_t client_addr, dest_addr;
+    uint16_t client_port, dest_port;
+    int ncandidates;
+    uint32_t candidate_addr[8];
+    uint16_t candidate_port[8];
 } consulate_relay_result;
 
 typedef struct consulate_relay_stats {
     uint64_t active;
     uint64_t pipes_pooled;
     uint64_t pipes_open;
+    uint64_t accepted;
+    uint64_t unrouted;
 } consulate_relay_stats;
+
+typedef struct consulate_service_counters {
+    uint64_t connections_total, connections_active, connect_failures, rejected;
+    uint64_t bytes_to_upstream, bytes_to_client;
+} consulate_service_counters;
+
+typedef struct consulate_route {
+    uint32_t vip;
+    uint32_t service;
+    uint32_t first, count;
+} consulate_route;
 
 typedef struct consulate_relay_engine consulate_relay_engine;
 
@@ -34,9 +53,14 @@ consulate_relay_engine *consulate_relay_new(int pipe_size, size_t splice_thresho
                                             int policy);
 int consulate_relay_notify_fd(consulate_relay_engine *e);
 int consulate_relay_add(consulate_relay_engine *e, uint64_t id, int fd_a, int fd_b);
-int consulate_relay_connect(consulate_relay_engine *e, uint64_t id, int client_fd,
-                            const uint32_t *addrs, const uint16_t *ports, int count,
-                            uint32_t mark);
+int consulate_relay_listen(consulate_relay_engine *e, int listen_fd, uint32_t mark,
+                           int attempts);
+void consulate_relay_unlisten(consulate_relay_engine *e);
+int consulate_relay_set_routes(consulate_relay_engine *e, const consulate_route *routes,
+                               size_t count, const uint32_t *addrs, const uint16_t *ports,
+                               size_t nendpoints);
+size_t consulate_relay_service_counters(consulate_relay_engine *e,
+                                        consulate_service_counters *out, size_t max);
 size_t consulate_relay_poll(consulate_relay_engine *e, consulate_relay_result *out,
                             size_t max);
 void consulate_relay_stats_get(consulate_relay_engine *e, consulate_relay_stats *out);

@@ -4,6 +4,8 @@ Every C call's return code is checked and errors become ``OSError`` with the
 errno, as the kernel reported it. Ownership is explicit: ``add`` takes both
 sockets (detaching them from their Python objects) only when the engine accepted
 them; when it declines, the caller still owns them and can relay in Python.
+``listen`` lends the engine a listening socket: it then accepts and connects by
+itself, following the routes of ``set_routes``, and the caller keeps the socket.
 """
 
 from __future__ import annotations
@@ -11,14 +13,22 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import Any
 
 from consulate.native import _relay  # type: ignore[attr-defined]
+from consulate.native.model import (
+    EngineRoute,
+    EngineServiceCounters,
+    EngineStats,
+    RelayResult,
+)
 
 _ffi, _lib = _relay.ffi, _relay.lib
 
-REASONS = ("done", "error", "idle", "stopped", "connect-failed")
+REASONS = ("done", "error", "idle", "stopped", "connect-failed", "unrouted", "no-endpoints",
+           "accept-failed")
 MAX_CANDIDATES = 8
 DEFAULT_PIPE_SIZE = 1 << 20  # 1 MiB pipes move ~45% more than 64 KiB ones here
 DEFAULT_SPLICE_THRESHOLD = 4096  # below this a splice read drops back to copying
@@ -26,27 +36,6 @@ DEFAULT_SPLICE_THRESHOLD = 4096  # below this a splice read drops back to copyin
 # adaptive: copy, splice once a recv fills 16 KiB, copy again below the threshold;
 # copy: never splice; splice: splice from the first read on, never drop back.
 MODES = ("adaptive", "copy", "splice")
-
-
-@dataclass(frozen=True)
-class RelayResult:
-    """How one relayed connection ended, with its byte counters."""
-
-    id: int
-    bytes_a_to_b: int
-    bytes_b_to_a: int
-    spliced_a_to_b: int
-    spliced_b_to_a: int
-    reason: str  # done | error | idle | stopped | connect-failed
-    error: int  # errno when reason is "error" (the last attempt's for "connect-failed")
-    failed_mask: int = 0  # bit i: candidate i of connect() was tried and failed
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    active: int
-    pipes_pooled: int
-    pipes_open: int
 
 
 class SpliceEngine:
@@ -81,34 +70,62 @@ class SpliceEngine:
 
         Raises OSError (the sockets stay the caller's) when the engine declines.
         """
-        if self._handle is None:
-            raise OSError(errno.ESHUTDOWN, "the relay engine is closed")
+        self._check_open()
         rc = _lib.consulate_relay_add(self._handle, conn_id, a.fileno(), b.fileno())
         if rc != 0:
             raise OSError(-rc, f"relay engine declined the connection: {os.strerror(-rc)}")
         a.detach()
         b.detach()
 
-    def connect(self, conn_id: int, client: socket.socket,
-                candidates: Sequence[tuple[str, int]], mark: int = 0) -> None:
-        """Connect to the first candidate that accepts, then relay; takes ``client``.
+    def listen(self, listener: socket.socket, *, mark: int = 0, attempts: int = 3) -> None:
+        """Accept on ``listener`` and route each connection by the table of ``set_routes``.
 
-        The engine tries the candidates in order, each within its connect timeout,
-        without a round trip through Python; the result's ``failed_mask`` tells
-        which failed, and "connect-failed" means none accepted (client reset).
+        The engine reads the original destination, picks up to ``attempts``
+        endpoints of the VIP's service in round-robin order and connects (the
+        upstream sockets carry ``mark``), all without Python. The caller keeps
+        the socket and must call ``unlisten`` before closing it.
         """
-        if self._handle is None:
-            raise OSError(errno.ESHUTDOWN, "the relay engine is closed")
-        if not 1 <= len(candidates) <= MAX_CANDIDATES:
-            raise ValueError(f"{len(candidates)} candidates: give 1 to {MAX_CANDIDATES}")
-        addrs = _ffi.new("uint32_t[]", [int.from_bytes(socket.inet_aton(a), "little")
-                                        for a, _ in candidates])
-        ports = _ffi.new("uint16_t[]", [socket.htons(p) for _, p in candidates])
-        rc = _lib.consulate_relay_connect(self._handle, conn_id, client.fileno(), addrs, ports,
-                                          len(candidates), mark)
+        self._check_open()
+        if not 1 <= attempts <= MAX_CANDIDATES:
+            raise ValueError(f"attempts={attempts}: give 1 to {MAX_CANDIDATES}")
+        rc = _lib.consulate_relay_listen(self._handle, listener.fileno(), mark, attempts)
         if rc != 0:
-            raise OSError(-rc, f"relay engine declined the connection: {os.strerror(-rc)}")
-        client.detach()
+            raise OSError(-rc, f"relay engine cannot accept: {os.strerror(-rc)}")
+
+    def unlisten(self) -> None:
+        """Stop accepting; the engine never touches the listener after this returns."""
+        if self._handle is not None:
+            _lib.consulate_relay_unlisten(self._handle)
+
+    def set_routes(self, routes: Sequence[EngineRoute]) -> None:
+        """Replace the engine's route table (VIP -> service id, endpoints) at once."""
+        self._check_open()
+        endpoints = [endpoint for route in routes for endpoint in route.endpoints]
+        table = _ffi.new("consulate_route[]", max(len(routes), 1))
+        first = 0
+        for i, route in enumerate(routes):
+            table[i].vip = _ipv4(route.vip)
+            table[i].service = route.service
+            table[i].first = first
+            table[i].count = len(route.endpoints)
+            first += len(route.endpoints)
+        addrs = _ffi.new("uint32_t[]", [_ipv4(a) for a, _ in endpoints] or [0])
+        ports = _ffi.new("uint16_t[]", [socket.htons(p) for _, p in endpoints] or [0])
+        rc = _lib.consulate_relay_set_routes(self._handle, table, len(routes), addrs, ports,
+                                             len(endpoints))
+        if rc != 0:
+            raise OSError(-rc, f"relay engine refused the route table: {os.strerror(-rc)} "
+                               "(duplicate or zero VIP, or a service id above 2^20)")
+
+    def service_counters(self, count: int) -> list[EngineServiceCounters]:
+        """Counters of service ids 0 .. count-1 (fewer if the engine knows fewer)."""
+        self._check_open()
+        out = _ffi.new("consulate_service_counters[]", max(count, 1))
+        got = _lib.consulate_relay_service_counters(self._handle, out, count)
+        return [EngineServiceCounters(
+            int(c.connections_total), int(c.connections_active), int(c.connect_failures),
+            int(c.rejected), int(c.bytes_to_upstream), int(c.bytes_to_client),
+        ) for c in (out[i] for i in range(got))]
 
     def poll(self) -> list[RelayResult]:
         """Results of connections that ended since the last poll."""
@@ -118,9 +135,11 @@ class SpliceEngine:
         return [self._result(self._results[i]) for i in range(count)]
 
     def stats(self) -> EngineStats:
+        self._check_open()
         out = _ffi.new("consulate_relay_stats *")
         _lib.consulate_relay_stats_get(self._handle, out)
-        return EngineStats(int(out.active), int(out.pipes_pooled), int(out.pipes_open))
+        return EngineStats(int(out.active), int(out.pipes_pooled), int(out.pipes_open),
+                           int(out.accepted), int(out.unrouted))
 
     def stop(self) -> list[RelayResult]:
         """End every connection (closed, reported as stopped) and the thread."""
@@ -140,12 +159,28 @@ class SpliceEngine:
             self._handle = None
         return results
 
+    def _check_open(self) -> None:
+        if self._handle is None:
+            raise OSError(errno.ESHUTDOWN, "the relay engine is closed")
+
     @staticmethod
-    def _result(raw: object) -> RelayResult:
-        r = raw  # a cdata struct
+    def _result(r: Any) -> RelayResult:  # r: a cdata consulate_relay_result
         return RelayResult(
-            id=int(r.id), bytes_a_to_b=int(r.bytes[0]), bytes_b_to_a=int(r.bytes[1]),  # type: ignore[attr-defined]
-            spliced_a_to_b=int(r.spliced[0]), spliced_b_to_a=int(r.spliced[1]),  # type: ignore[attr-defined]
-            reason=REASONS[r.reason], error=int(r.error),  # type: ignore[attr-defined]
-            failed_mask=int(r.failed_mask),  # type: ignore[attr-defined]
+            id=int(r.id), bytes_a_to_b=int(r.bytes[0]), bytes_b_to_a=int(r.bytes[1]),
+            spliced_a_to_b=int(r.spliced[0]), spliced_b_to_a=int(r.spliced[1]),
+            reason=REASONS[r.reason], error=int(r.error), failed_mask=int(r.failed_mask),
+            service=int(r.service),
+            client=_address(r.client_addr, r.client_port),
+            destination=_address(r.dest_addr, r.dest_port),
+            candidates=tuple(_address(r.candidate_addr[i], r.candidate_port[i])
+                             for i in range(r.ncandidates)),
         )
+
+
+def _ipv4(address: str) -> int:
+    """An IPv4 address as the C side stores it (s_addr: network-order bytes in a uint32)."""
+    return int.from_bytes(socket.inet_aton(address), sys.byteorder)
+
+
+def _address(addr: int, port: int) -> tuple[str, int]:
+    return socket.inet_ntoa(int(addr).to_bytes(4, sys.byteorder)), socket.ntohs(int(port))

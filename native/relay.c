@@ -21,6 +21,15 @@
  * gets shutdown(SHUT_WR); the connection ends when both directions have. An
  * error (ECONNRESET, EPIPE, ...) on either side resets the other (SO_LINGER 0),
  * so a reset is propagated rather than turned into a clean close.
+ *
+ * Accepting: the proxy can also give the engine its listening socket and a route
+ * table (VIP -> service id and upstream endpoints), computed in Python from the
+ * RouteTable and replaced whenever it changes. The engine then accepts, reads
+ * the original destination (SO_ORIGINAL_DST, set by the iptables REDIRECT), looks
+ * the VIP up, picks the candidates in round-robin order and connects, with no
+ * Python on the per-connection path: connection rate is bounded by syscalls, not
+ * the interpreter. It keeps per-service counters Python reads when asked, and
+ * reports only what Python must log (rejections, failed connects).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -34,6 +43,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <sys/socket.h>
+#include <linux/netfilter_ipv4.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -47,8 +57,12 @@ enum { MODE_COPY = 0, MODE_SPLICE = 1 };
  * copy = never splice; splice = splice from the first read, never drop back. */
 enum { POLICY_ADAPTIVE = 0, POLICY_COPY = 1, POLICY_SPLICE = 2 };
 enum { REASON_DONE = 0, REASON_ERROR = 1, REASON_IDLE = 2, REASON_STOPPED = 3,
-       REASON_CONNECT_FAILED = 4 };
+       REASON_CONNECT_FAILED = 4, REASON_UNROUTED = 5, REASON_NO_ENDPOINTS = 6,
+       REASON_ACCEPT_FAILED = 7 };
 #define MAX_CANDIDATES 8
+#define ACCEPTS_PER_EVENT 64        /* drain the backlog in batches, then serve the rest */
+#define ACCEPT_PAUSE_SECONDS 0.1    /* after EMFILE/ENFILE, instead of spinning */
+#define ACCEPTED_ID_BASE (1ull << 63) /* ids the engine gives connections it accepted */
 
 typedef struct consulate_relay_result {
     uint64_t id;
@@ -57,13 +71,48 @@ typedef struct consulate_relay_result {
     int reason;
     int error;            /* errno for REASON_ERROR, last one for REASON_CONNECT_FAILED */
     uint32_t failed_mask; /* bit i: candidate i was tried and failed */
+    /* Connections the engine accepted itself (addresses/ports in network order): */
+    uint32_t service;     /* the route's service id */
+    uint32_t client_addr, dest_addr; /* the client, and the original destination */
+    uint16_t client_port, dest_port;
+    int ncandidates;      /* the candidates, in the order they were to be tried */
+    uint32_t candidate_addr[MAX_CANDIDATES];
+    uint16_t candidate_port[MAX_CANDIDATES];
 } consulate_relay_result;
 
 typedef struct consulate_relay_stats {
     uint64_t active;
     uint64_t pipes_pooled;
     uint64_t pipes_open;
+    uint64_t accepted;
+    uint64_t unrouted; /* accepted connections to no VIP in the route table */
 } consulate_relay_stats;
+
+/* Counters of one service, for the connections the engine accepted. */
+typedef struct consulate_service_counters {
+    uint64_t connections_total, connections_active, connect_failures, rejected;
+    uint64_t bytes_to_upstream, bytes_to_client;
+} consulate_service_counters;
+
+/* One route as Python gives it: endpoints [first, first + count) of the arrays
+ * passed alongside. */
+typedef struct consulate_route {
+    uint32_t vip; /* network order; 0 is not a VIP */
+    uint32_t service;
+    uint32_t first, count;
+} consulate_route;
+
+struct route {
+    uint32_t vip, service, first, count;
+    uint32_t next_pick; /* round-robin cursor, carried over when the table changes */
+};
+
+/* Open addressing keyed by VIP, at most half full. */
+struct route_table {
+    struct route *slots;
+    uint32_t mask;
+    struct sockaddr_in *endpoints;
+};
 
 struct conn;
 
@@ -79,6 +128,12 @@ struct direction {
     char *buf;
     size_t buf_off, buf_len;
     int mode, eof, shut;
+    /* A recv returned less than asked, so src's queue was empty then; new input
+     * brings a new edge-triggered event, so no recv to see EAGAIN is needed
+     * (nginx's ready flag). Splice reads cannot tell: a pipe may run out of
+     * slots before the socket runs out of bytes. */
+    int drained;
+    int hangup_seen; /* the last event on src carried RDHUP/HUP/ERR: read on to the end */
     uint64_t bytes, spliced;
 };
 
@@ -96,6 +151,11 @@ struct conn {
     uint32_t mark, failed_mask;
     int last_error;
     double attempt_started;
+    /* Accepted by the engine: counted per service, reported only when Python
+     * must log something. */
+    int accepted;
+    uint32_t service;
+    struct sockaddr_in client, dest;
     struct conn *prev, *next;
 };
 
@@ -119,6 +179,16 @@ typedef struct consulate_relay_engine {
     size_t splice_threshold;
     int policy; /* POLICY_*, fixed at creation */
     double idle_timeout;
+    /* Accepting (listen_fd < 0: not listening). */
+    int listen_fd;
+    struct side listen_side; /* its epoll cookie */
+    uint32_t listen_mark;
+    int attempts;
+    double accept_paused_until; /* > 0 while paused after EMFILE */
+    uint64_t next_accepted_id, accepted, unrouted;
+    struct route_table *routes;
+    consulate_service_counters *services;
+    size_t nservices;
 } consulate_relay_engine;
 
 static double now_seconds(void)
@@ -247,6 +317,8 @@ static int pump(consulate_relay_engine *e, struct direction *d, int *moved)
             *moved = 1;
             continue;
         }
+        if (d->drained && !d->hangup_seen)
+            return 0;
         if (d->buf == NULL && (d->buf = malloc(COPY_BUF_SIZE)) == NULL)
             return -ENOMEM;
         n = recv(d->src, d->buf, COPY_BUF_SIZE, MSG_DONTWAIT);
@@ -258,6 +330,7 @@ static int pump(consulate_relay_engine *e, struct direction *d, int *moved)
         }
         d->buf_off = 0;
         d->buf_len = (size_t)n;
+        d->drained = n < COPY_BUF_SIZE;
         *moved = 1;
         if (n == COPY_BUF_SIZE && e->policy == POLICY_ADAPTIVE &&
             (d->pipe_r >= 0 || pipe_take(e, d) == 0))
@@ -287,6 +360,16 @@ static void push_result(consulate_relay_engine *e, struct conn *c, int reason, i
     r->reason = reason;
     r->error = error;
     r->failed_mask = c->failed_mask;
+    r->service = c->service;
+    r->client_addr = c->client.sin_addr.s_addr;
+    r->client_port = c->client.sin_port;
+    r->dest_addr = c->dest.sin_addr.s_addr;
+    r->dest_port = c->dest.sin_port;
+    r->ncandidates = c->ncandidates;
+    for (int i = 0; i < c->ncandidates; i++) {
+        r->candidate_addr[i] = c->candidates[i].sin_addr.s_addr;
+        r->candidate_port[i] = c->candidates[i].sin_port;
+    }
 }
 
 static void finish(consulate_relay_engine *e, struct conn *c, int reason, int error)
@@ -308,7 +391,19 @@ static void finish(consulate_relay_engine *e, struct conn *c, int reason, int er
         pipe_give_back(e, &c->dir[i]);
         free(c->dir[i].buf);
     }
-    push_result(e, c, reason, error);
+    if (c->accepted) {
+        consulate_service_counters *sc = &e->services[c->service];
+        sc->connections_active--;
+        sc->bytes_to_upstream += c->dir[0].bytes;
+        sc->bytes_to_client += c->dir[1].bytes;
+        if (reason == REASON_CONNECT_FAILED)
+            sc->rejected++;
+        /* Python hears of an accepted connection only when it has to log. */
+        if (reason == REASON_CONNECT_FAILED || c->failed_mask != 0)
+            push_result(e, c, reason, error);
+    } else {
+        push_result(e, c, reason, error);
+    }
     if (c->prev)
         c->prev->next = c->next;
     else
@@ -350,6 +445,14 @@ static int arm_out(consulate_relay_engine *e, struct conn *c, int i, int on)
 
 /* -- connecting to the upstream (engine lock held) --------------------------------- */
 
+static void candidate_failed(consulate_relay_engine *e, struct conn *c, int err)
+{
+    c->last_error = err;
+    c->failed_mask |= 1u << c->attempt;
+    if (c->accepted)
+        e->services[c->service].connect_failures++;
+}
+
 /* Start the next candidate's connect; 0 when one is in flight, -1 when none is left. */
 static int start_attempt(consulate_relay_engine *e, struct conn *c, double now)
 {
@@ -358,8 +461,7 @@ static int start_attempt(consulate_relay_engine *e, struct conn *c, double now)
     for (; c->attempt < c->ncandidates; c->attempt++) {
         fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
         if (fd < 0) {
-            c->last_error = errno;
-            c->failed_mask |= 1u << c->attempt;
+            candidate_failed(e, c, errno);
             continue;
         }
         /* The mark exempts the engine's own connections from the REDIRECT rules. */
@@ -369,7 +471,9 @@ static int start_attempt(consulate_relay_engine *e, struct conn *c, double now)
         if (connect(fd, (struct sockaddr *)&c->candidates[c->attempt],
                     sizeof(c->candidates[0])) == 0 || errno == EINPROGRESS) {
             memset(&ev, 0, sizeof(ev));
-            ev.events = EPOLLOUT | EPOLLET;
+            /* Input too, from the start: once connected, nothing needs changing
+             * (EPOLLOUT stays until a spurious wakeup clears it, see serve). */
+            ev.events = EPOLLOUT | EPOLLIN | EPOLLRDHUP | EPOLLET;
             ev.data.ptr = &c->sides[1];
             if (epoll_ctl(e->epfd, EPOLL_CTL_ADD, fd, &ev) == 0) {
                 c->fd[1] = fd;
@@ -377,8 +481,7 @@ static int start_attempt(consulate_relay_engine *e, struct conn *c, double now)
                 return 0;
             }
         }
-        c->last_error = errno;
-        c->failed_mask |= 1u << c->attempt;
+        candidate_failed(e, c, errno);
         close(fd);
     }
     return -1;
@@ -387,8 +490,7 @@ static int start_attempt(consulate_relay_engine *e, struct conn *c, double now)
 /* The attempt in flight failed with err: try the next candidate, or give up. */
 static void attempt_failed(consulate_relay_engine *e, struct conn *c, int err, double now)
 {
-    c->last_error = err;
-    c->failed_mask |= 1u << c->attempt;
+    candidate_failed(e, c, err);
     close(c->fd[1]);
     c->fd[1] = -1;
     c->attempt++;
@@ -396,69 +498,48 @@ static void attempt_failed(consulate_relay_engine *e, struct conn *c, int err, d
         finish(e, c, REASON_CONNECT_FAILED, c->last_error);
 }
 
-/* The upstream accepted: poll both sockets for input from now on. Registering
- * the client reports what it sent while we were connecting. */
+/* The upstream accepted: poll the client too from now on (registering it
+ * reports what it sent while we were connecting). */
 static int connected(consulate_relay_engine *e, struct conn *c)
 {
     struct epoll_event ev;
-    int i;
     c->connecting = 0;
     e->connecting--;
-    for (i = 0; i < 2; i++) {
+    c->out_armed[1] = 1; /* registered with EPOLLOUT by start_attempt */
+    for (int i = 0; i < 2; i++) {
         c->dir[i].src = c->fd[i];
         c->dir[i].dst = c->fd[1 - i];
-        memset(&ev, 0, sizeof(ev));
-        ev.events = EPOLLIN | EPOLLRDHUP | EPOLLET;
-        ev.data.ptr = &c->sides[i];
-        if (epoll_ctl(e->epfd, i == 0 ? EPOLL_CTL_ADD : EPOLL_CTL_MOD, c->fd[i], &ev) != 0)
-            return -errno;
     }
+    memset(&ev, 0, sizeof(ev));
+    ev.events = EPOLLIN | EPOLLRDHUP | EPOLLET;
+    ev.data.ptr = &c->sides[0];
+    if (epoll_ctl(e->epfd, EPOLL_CTL_ADD, c->fd[0], &ev) != 0)
+        return -errno;
     return 0;
 }
 
-/* Serve the direction(s) an event on socket i concerns (edge-triggered: every
- * operation runs until EAGAIN): input on i feeds direction i, room to write on i
- * drains direction 1-i. Returns 1 when the connection ended. */
-static int service(consulate_relay_engine *e, struct conn *c, int i, uint32_t events,
-                   double now)
+/* Move what the readiness says can move: direction j reads when bit j of
+ * input is set (hangup: that event saw RDHUP/HUP/ERR), and socket k that became
+ * writable (bit k of writable) drains direction 1-k. Returns 1 when the
+ * connection ended. */
+static int serve(consulate_relay_engine *e, struct conn *c, unsigned input, unsigned hangup,
+                 unsigned writable, double now)
 {
-    int j, rc, moved = 0, err = 0;
-    socklen_t len = sizeof(err);
-    if (c->connecting) { /* only the upstream socket is polled while connecting */
-        if (getsockopt(c->fd[1], SOL_SOCKET, SO_ERROR, &err, &len) != 0)
-            err = errno;
-        if (err != 0) {
-            attempt_failed(e, c, err, now);
-            return c->sides[1].conn == NULL;
-        }
-        struct sockaddr_in peer;
-        socklen_t plen = sizeof(peer);
-        /* A stale event of an earlier attempt's socket can arrive in the same
-         * batch: only a socket with a peer address has really connected. */
-        if (!(events & EPOLLOUT) || getpeername(c->fd[1], (struct sockaddr *)&peer, &plen) != 0)
-            return 0;
-        if ((rc = connected(e, c)) != 0) {
-            finish(e, c, REASON_ERROR, -rc);
-            return 1;
-        }
-        c->last_active = now;
-        return 0;
-    }
-    if (events & EPOLLERR) {
-        /* Nothing may be pending in either direction to surface it: ask. */
-        if (getsockopt(c->fd[i], SOL_SOCKET, SO_ERROR, &err, &len) == 0 && err != 0) {
-            finish(e, c, REASON_ERROR, err);
-            return 1;
-        }
-    }
+    int j, rc, moved = 0;
     for (j = 0; j < 2; j++) {
-        int wanted = j == i ? (events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) != 0
-                            : (events & EPOLLOUT) != 0;
-        if (!wanted)
+        struct direction *d = &c->dir[j];
+        int out = 1 - j; /* the socket direction j writes to */
+        if (input & (1u << j)) {
+            d->drained = 0;
+            d->hangup_seen = (hangup >> j) & 1u;
+        } else if (!(writable & (1u << out))) {
             continue;
-        rc = pump(e, &c->dir[j], &moved);
-        if (rc >= 0)
-            rc = arm_out(e, c, 1 - j, rc == 1);
+        }
+        rc = pump(e, d, &moved);
+        if (rc == 1)
+            rc = arm_out(e, c, out, 1);
+        else if (rc == 0 && (writable & (1u << out)))
+            rc = arm_out(e, c, out, 0); /* woken for room no write needs any more */
         if (rc < 0) {
             finish(e, c, REASON_ERROR, -rc);
             return 1;
@@ -473,6 +554,47 @@ static int service(consulate_relay_engine *e, struct conn *c, int i, uint32_t ev
     return 0;
 }
 
+/* Serve an event on socket i of c. Returns 1 when the connection ended. */
+static int service(consulate_relay_engine *e, struct conn *c, int i, uint32_t events,
+                   double now)
+{
+    int rc, err = 0;
+    socklen_t len = sizeof(err);
+    const uint32_t hangup_events = EPOLLRDHUP | EPOLLHUP | EPOLLERR;
+    if (c->connecting) { /* only the upstream socket is polled while connecting */
+        if (events & (EPOLLERR | EPOLLHUP)) {
+            if (getsockopt(c->fd[1], SOL_SOCKET, SO_ERROR, &err, &len) != 0)
+                err = errno;
+            if (err != 0) {
+                attempt_failed(e, c, err, now);
+                return c->sides[1].conn == NULL;
+            }
+        }
+        /* Writable without an error: a non-blocking connect has completed. */
+        if (!(events & EPOLLOUT))
+            return 0;
+        if ((rc = connected(e, c)) != 0) {
+            finish(e, c, REASON_ERROR, -rc);
+            return 1;
+        }
+        c->last_active = now;
+        /* The client's request is usually waiting already: relay it now, not
+         * after another epoll_wait; the upstream's input edge is this event. */
+        return serve(e, c, 1u | ((events & EPOLLIN) ? 2u : 0u),
+                     (events & hangup_events) ? 2u : 0u, 0, now);
+    }
+    if (events & EPOLLERR) {
+        /* Nothing may be pending in either direction to surface it: ask. */
+        if (getsockopt(c->fd[i], SOL_SOCKET, SO_ERROR, &err, &len) == 0 && err != 0) {
+            finish(e, c, REASON_ERROR, err);
+            return 1;
+        }
+    }
+    return serve(e, c, (events & (EPOLLIN | hangup_events)) ? 1u << i : 0u,
+                 (events & hangup_events) ? 1u << i : 0u,
+                 (events & EPOLLOUT) ? 1u << i : 0u, now);
+}
+
 static void notify(consulate_relay_engine *e)
 {
     uint64_t one = 1;
@@ -480,21 +602,25 @@ static void notify(consulate_relay_engine *e)
     (void)w; /* EAGAIN means the counter is already non-zero: Python will look */
 }
 
+static void accept_ready(consulate_relay_engine *e, double now);
+static void accept_resume(consulate_relay_engine *e);
+
 static void *engine_main(void *arg)
 {
     consulate_relay_engine *e = arg;
     struct epoll_event events[MAX_EVENTS];
     double last_scan = now_seconds();
-    int i, n, finished;
+    int i, n;
 
     while (!e->stopping) {
-        /* Connect timeouts need a finer clock than idle ones. */
-        n = epoll_wait(e->epfd, events, MAX_EVENTS, e->connecting > 0 ? 50 : 1000);
+        /* Connect timeouts and accept pauses need a finer clock than idle ones. */
+        int fine = e->connecting > 0 || e->accept_paused_until > 0;
+        n = epoll_wait(e->epfd, events, MAX_EVENTS, fine ? 50 : 1000);
         if (n < 0 && errno != EINTR)
             break;
         pthread_mutex_lock(&e->lock);
         double now = now_seconds();
-        finished = 0;
+        size_t results_before = e->results_len;
         for (i = 0; i < n; i++) {
             struct side *s = events[i].data.ptr;
             if (s == NULL) { /* the wake eventfd: stop, or nothing */
@@ -503,35 +629,36 @@ static void *engine_main(void *arg)
                 (void)r;
                 continue;
             }
+            if (s == &e->listen_side) {
+                if (e->listen_fd >= 0) /* not unlistened since epoll_wait returned */
+                    accept_ready(e, now);
+                continue;
+            }
             if (s->conn == NULL) /* its connection ended earlier in this batch */
                 continue;
-            if (service(e, s->conn, s->index, events[i].events, now))
-                finished = 1;
+            service(e, s->conn, s->index, events[i].events, now);
         }
         if (e->connecting > 0) {
             struct conn *c = e->conns, *next;
             for (; c != NULL; c = next) {
                 next = c->next;
-                if (c->connecting && now - c->attempt_started >= e->connect_timeout) {
+                if (c->connecting && now - c->attempt_started >= e->connect_timeout)
                     attempt_failed(e, c, ETIMEDOUT, now);
-                    if (c->sides[1].conn == NULL)
-                        finished = 1;
-                }
             }
         }
+        if (e->accept_paused_until > 0 && now >= e->accept_paused_until)
+            accept_resume(e);
         if (e->idle_timeout > 0 && now - last_scan >= 1.0) {
             struct conn *c = e->conns, *next;
             for (; c != NULL; c = next) {
                 next = c->next;
-                if (!c->connecting && now - c->last_active >= e->idle_timeout) {
+                if (!c->connecting && now - c->last_active >= e->idle_timeout)
                     finish(e, c, REASON_IDLE, 0);
-                    finished = 1;
-                }
             }
             last_scan = now;
         }
         bury(e);
-        if (finished)
+        if (e->results_len > results_before)
             notify(e);
         pthread_mutex_unlock(&e->lock);
     }
@@ -562,7 +689,8 @@ static consulate_relay_engine *consulate_relay_new(int pipe_size, size_t splice_
     e = calloc(1, sizeof(*e));
     if (e == NULL)
         return NULL;
-    e->epfd = e->wake_fd = e->notify_fd = -1;
+    e->epfd = e->wake_fd = e->notify_fd = e->listen_fd = -1;
+    e->listen_side.index = -1; /* a cookie of no connection */
     e->pipe_size = pipe_size;
     e->splice_threshold = splice_threshold;
     e->policy = policy;
@@ -664,47 +792,284 @@ static int consulate_relay_add(consulate_relay_engine *e, uint64_t id, int fd_a,
     return 0;
 }
 
-/* Connects to the first candidate that accepts (in order, each within the
- * engine's connect timeout), then relays between it and the client. Takes
- * ownership of client_fd on success (0): every outcome is then reported by a
- * result, REASON_CONNECT_FAILED (client reset) when no candidate accepted.
- * Addresses and ports are in network byte order. */
-static int consulate_relay_connect(consulate_relay_engine *e, uint64_t id, int client_fd,
-                                   const uint32_t *addrs, const uint16_t *ports, int count,
-                                   uint32_t mark)
+/* -- accepting (engine lock held) --------------------------------------------- */
+
+static uint32_t vip_hash(uint32_t vip)
 {
-    int i, one = 1;
+    /* VIPs differ mostly in their low octets, the high bits of s_addr: mix all. */
+    vip ^= vip >> 16;
+    vip *= 0x7feb352dU;
+    vip ^= vip >> 15;
+    vip *= 0x846ca68bU;
+    return vip ^ (vip >> 16);
+}
+
+static struct route *route_find(struct route_table *t, uint32_t vip)
+{
+    uint32_t i;
+    if (t == NULL)
+        return NULL;
+    for (i = vip_hash(vip) & t->mask; t->slots[i].vip != 0; i = (i + 1) & t->mask)
+        if (t->slots[i].vip == vip)
+            return &t->slots[i];
+    return NULL;
+}
+
+/* Refuse an accepted connection with a reset and tell Python why. */
+static void refuse(consulate_relay_engine *e, int fd, const struct sockaddr_in *client,
+                   const struct sockaddr_in *dest, uint32_t service, int reason, int error)
+{
+    struct conn c;
+    struct linger lg = {1, 0};
+    if (fd >= 0) {
+        (void)setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
+        close(fd);
+    }
+    memset(&c, 0, sizeof(c));
+    c.service = service;
+    if (client != NULL)
+        c.client = *client;
+    if (dest != NULL)
+        c.dest = *dest;
+    push_result(e, &c, reason, error);
+}
+
+static void accept_pause(consulate_relay_engine *e, double now)
+{
+    struct epoll_event ev;
+    memset(&ev, 0, sizeof(ev));
+    ev.data.ptr = &e->listen_side;
+    (void)epoll_ctl(e->epfd, EPOLL_CTL_MOD, e->listen_fd, &ev);
+    e->accept_paused_until = now + ACCEPT_PAUSE_SECONDS;
+}
+
+static void accept_resume(consulate_relay_engine *e)
+{
+    struct epoll_event ev;
+    e->accept_paused_until = 0;
+    if (e->listen_fd < 0)
+        return;
+    memset(&ev, 0, sizeof(ev));
+    ev.events = EPOLLIN;
+    ev.data.ptr = &e->listen_side;
+    (void)epoll_ctl(e->epfd, EPOLL_CTL_MOD, e->listen_fd, &ev);
+}
+
+/* Route one accepted client: look its VIP up, pick the candidates, connect. */
+static void route_accepted(consulate_relay_engine *e, int fd, const struct sockaddr_in *client,
+                           double now)
+{
+    struct sockaddr_in dest;
+    socklen_t len = sizeof(dest);
+    struct route *r;
     struct conn *c;
-    if (count < 1 || count > MAX_CANDIDATES)
-        return -EINVAL;
+    consulate_service_counters *sc;
+    uint32_t k, start, ncand;
+    int one = 1;
+
+    memset(&dest, 0, sizeof(dest));
+    if (getsockopt(fd, SOL_IP, SO_ORIGINAL_DST, &dest, &len) != 0) {
+        e->unrouted++; /* not REDIRECTed: someone connected to the proxy port itself */
+        refuse(e, fd, client, NULL, 0, REASON_UNROUTED, errno);
+        return;
+    }
+    if ((r = route_find(e->routes, dest.sin_addr.s_addr)) == NULL) {
+        e->unrouted++;
+        refuse(e, fd, client, &dest, 0, REASON_UNROUTED, 0);
+        return;
+    }
+    sc = &e->services[r->service];
+    sc->connections_total++;
+    if (r->count == 0) {
+        sc->rejected++;
+        refuse(e, fd, client, &dest, r->service, REASON_NO_ENDPOINTS, 0);
+        return;
+    }
+    if ((c = conn_new(ACCEPTED_ID_BASE | e->next_accepted_id++, fd, -1)) == NULL) {
+        sc->rejected++;
+        refuse(e, fd, client, &dest, r->service, REASON_ACCEPT_FAILED, ENOMEM);
+        return;
+    }
+    c->accepted = 1;
+    c->service = r->service;
+    c->client = *client;
+    c->dest = dest;
+    c->mark = e->listen_mark;
+    /* Round robin; the next candidates are the retry order. */
+    ncand = r->count < (uint32_t)e->attempts ? r->count : (uint32_t)e->attempts;
+    start = r->next_pick % r->count;
+    r->next_pick = start + 1;
+    for (k = 0; k < ncand; k++)
+        c->candidates[k] = e->routes->endpoints[r->first + (start + k) % r->count];
+    c->ncandidates = (int)ncand;
     /* Without it, a response split over two writes waits for the client's
      * delayed ACK (40 ms); the upstream sockets get it in start_attempt. */
-    (void)setsockopt(client_fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-    if ((c = conn_new(id, client_fd, -1)) == NULL)
-        return -ENOMEM;
-    for (i = 0; i < count; i++) {
-        c->candidates[i].sin_family = AF_INET;
-        c->candidates[i].sin_addr.s_addr = addrs[i];
-        c->candidates[i].sin_port = ports[i];
-    }
-    c->ncandidates = count;
-    c->mark = mark;
+    (void)setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    sc->connections_active++;
+    conn_link(e, c);
     c->connecting = 1;
+    e->connecting++;
+    if (start_attempt(e, c, now) != 0)
+        finish(e, c, REASON_CONNECT_FAILED, c->last_error);
+}
+
+static void accept_ready(consulate_relay_engine *e, double now)
+{
+    int n, fd;
+    for (n = 0; n < ACCEPTS_PER_EVENT; n++) {
+        struct sockaddr_in client;
+        socklen_t len = sizeof(client);
+        fd = accept4(e->listen_fd, (struct sockaddr *)&client, &len,
+                     SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd < 0) {
+            if (errno == EINTR || errno == ECONNABORTED)
+                continue;
+            if (errno != EAGAIN) {
+                /* EMFILE and friends: the backlog keeps the clients, and a
+                 * level-triggered listener would spin; pause, report, go on. */
+                accept_pause(e, now);
+                refuse(e, -1, NULL, NULL, 0, REASON_ACCEPT_FAILED, errno);
+            }
+            return;
+        }
+        e->accepted++;
+        route_accepted(e, fd, &client, now);
+    }
+}
+
+/* Accept on listen_fd (a bound, listening, non-blocking socket the caller keeps
+ * owning) and route by the table of consulate_relay_set_routes; upstream sockets
+ * carry mark, and up to attempts candidates are tried per connection. */
+static int consulate_relay_listen(consulate_relay_engine *e, int listen_fd, uint32_t mark,
+                                  int attempts)
+{
+    struct epoll_event ev;
+    int rc = 0;
+    if (attempts < 1 || attempts > MAX_CANDIDATES)
+        return -EINVAL;
     pthread_mutex_lock(&e->lock);
     if (e->stopping) {
-        pthread_mutex_unlock(&e->lock);
-        free(c);
-        return -ESHUTDOWN;
-    }
-    conn_link(e, c);
-    e->connecting++;
-    if (start_attempt(e, c, c->last_active) != 0) {
-        finish(e, c, REASON_CONNECT_FAILED, c->last_error);
-        bury(e);
-        notify(e);
+        rc = -ESHUTDOWN;
+    } else if (e->listen_fd >= 0) {
+        rc = -EBUSY;
+    } else {
+        memset(&ev, 0, sizeof(ev));
+        ev.events = EPOLLIN; /* level-triggered: a batch may leave clients waiting */
+        ev.data.ptr = &e->listen_side;
+        if (epoll_ctl(e->epfd, EPOLL_CTL_ADD, listen_fd, &ev) != 0) {
+            rc = -errno;
+        } else {
+            e->listen_fd = listen_fd;
+            e->listen_mark = mark;
+            e->attempts = attempts;
+        }
     }
     pthread_mutex_unlock(&e->lock);
+    return rc;
+}
+
+/* Stop accepting; once it returns the engine never touches the listener again. */
+static void consulate_relay_unlisten(consulate_relay_engine *e)
+{
+    pthread_mutex_lock(&e->lock);
+    if (e->listen_fd >= 0) {
+        (void)epoll_ctl(e->epfd, EPOLL_CTL_DEL, e->listen_fd, NULL);
+        e->listen_fd = -1;
+        e->accept_paused_until = 0;
+    }
+    pthread_mutex_unlock(&e->lock);
+}
+
+static void route_table_free(struct route_table *t)
+{
+    if (t == NULL)
+        return;
+    free(t->slots);
+    free(t->endpoints);
+    free(t);
+}
+
+#define MAX_SERVICE_ID (1u << 20)
+
+/* Replace the route table: routes[i] names endpoints [first, first + count) of
+ * addrs/ports (network order). Service ids index the counters, so they must be
+ * stable per service and small. Returns 0 or -errno (EINVAL: a bad entry). */
+static int consulate_relay_set_routes(consulate_relay_engine *e, const consulate_route *routes,
+                                      size_t count, const uint32_t *addrs,
+                                      const uint16_t *ports, size_t nendpoints)
+{
+    struct route_table *t, *old;
+    size_t cap = 16, i, nservices = 0;
+    struct route *slot;
+    if (count > MAX_SERVICE_ID)
+        return -EINVAL;
+    while (cap < count * 2)
+        cap <<= 1;
+    if ((t = calloc(1, sizeof(*t))) == NULL)
+        return -ENOMEM;
+    t->mask = (uint32_t)cap - 1;
+    t->slots = calloc(cap, sizeof(*t->slots));
+    t->endpoints = calloc(nendpoints ? nendpoints : 1, sizeof(*t->endpoints));
+    if (t->slots == NULL || t->endpoints == NULL) {
+        route_table_free(t);
+        return -ENOMEM;
+    }
+    for (i = 0; i < nendpoints; i++) {
+        t->endpoints[i].sin_family = AF_INET;
+        t->endpoints[i].sin_addr.s_addr = addrs[i];
+        t->endpoints[i].sin_port = ports[i];
+    }
+    for (i = 0; i < count; i++) {
+        const consulate_route *r = &routes[i];
+        if (r->vip == 0 || r->service >= MAX_SERVICE_ID || r->first > nendpoints ||
+            r->count > nendpoints - r->first || route_find(t, r->vip) != NULL) {
+            route_table_free(t);
+            return -EINVAL;
+        }
+        for (slot = &t->slots[vip_hash(r->vip) & t->mask]; slot->vip != 0;
+             slot = &t->slots[(size_t)(slot - t->slots + 1) & t->mask])
+            ;
+        slot->vip = r->vip;
+        slot->service = r->service;
+        slot->first = r->first;
+        slot->count = r->count;
+        if (r->service + 1 > nservices)
+            nservices = r->service + 1;
+    }
+    pthread_mutex_lock(&e->lock);
+    if (nservices > e->nservices) {
+        consulate_service_counters *grown = realloc(e->services, nservices * sizeof(*grown));
+        if (grown == NULL) {
+            pthread_mutex_unlock(&e->lock);
+            route_table_free(t);
+            return -ENOMEM;
+        }
+        memset(grown + e->nservices, 0, (nservices - e->nservices) * sizeof(*grown));
+        e->services = grown;
+        e->nservices = nservices;
+    }
+    old = e->routes;
+    for (i = 0; i <= t->mask; i++) { /* keep each service's round-robin turn */
+        struct route *before = t->slots[i].vip ? route_find(old, t->slots[i].vip) : NULL;
+        if (before != NULL && before->service == t->slots[i].service)
+            t->slots[i].next_pick = before->next_pick;
+    }
+    e->routes = t;
+    pthread_mutex_unlock(&e->lock);
+    route_table_free(old);
     return 0;
+}
+
+/* Copies the counters of services [0, max) out; returns how many exist (<= max). */
+static size_t consulate_relay_service_counters(consulate_relay_engine *e,
+                                               consulate_service_counters *out, size_t max)
+{
+    size_t n;
+    pthread_mutex_lock(&e->lock);
+    n = e->nservices < max ? e->nservices : max;
+    memcpy(out, e->services, n * sizeof(*out));
+    pthread_mutex_unlock(&e->lock);
+    return n;
 }
 
 /* Copies up to max finished connections' results out; returns how many. */
@@ -732,6 +1097,8 @@ static void consulate_relay_stats_get(consulate_relay_engine *e, consulate_relay
     out->active = e->active;
     out->pipes_pooled = e->pool_len;
     out->pipes_open = e->pipes_open;
+    out->accepted = e->accepted;
+    out->unrouted = e->unrouted;
     pthread_mutex_unlock(&e->lock);
 }
 
@@ -763,6 +1130,8 @@ static void consulate_relay_free(consulate_relay_engine *e)
     close(e->wake_fd);
     close(e->notify_fd);
     free(e->results);
+    route_table_free(e->routes);
+    free(e->services);
     pthread_mutex_destroy(&e->lock);
     free(e);
 }

@@ -1,30 +1,34 @@
 """The transparent TCP proxy: accept, find the service from the original destination,
-connect to an endpoint (retrying on distinct ones), then hand both sockets to a relay.
+connect to an endpoint (retrying on distinct ones), then relay the bytes both ways.
 
-iptables REDIRECTs connections to VIPs onto this listener. The proxy accepts raw
-sockets itself rather than through asyncio transports, so that a connection can
-go to the native engine whole (both file descriptors) and the client's first
-bytes wait in the kernel while the upstream connect is in progress. Routing
-decisions stay here in Python; the bytes move in the relay.
+iptables REDIRECTs connections to VIPs onto this listener. With the native engine
+the per-connection path runs entirely in C: the proxy lends the engine its
+listening socket and publishes, at every RouteTable change, the table the engine
+routes by (VIP -> service id -> endpoints); Python keeps the decisions (which
+endpoints, in which order of preference) and hears back only what it must log.
+With the Python relay, the proxy accepts raw sockets itself, so that the client's
+first bytes wait in the kernel while the upstream connect is in progress.
 """
 
 from __future__ import annotations
 
 import asyncio
-import errno
-import itertools
 import logging
 import os
 import socket
 import struct
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Protocol
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
+from consulate.native.model import EngineRoute, RelayResult
 from consulate.proxy.origdst import original_dst
 from consulate.proxy.relay import PythonRelay
 from consulate.proxy.stats import ProxyStats, ServiceCounters
 from consulate.proxy.table import Endpoint, RouteTable
+
+if TYPE_CHECKING:
+    from consulate.native.engine import SpliceEngine
 
 log = logging.getLogger("consulate.proxy")
 
@@ -32,40 +36,6 @@ DEFAULT_PORT = 10000  # Ambassadord's port
 DEFAULT_CONNECT_TIMEOUT = 2.0
 DEFAULT_ATTEMPTS = 3
 ACCEPTS_PER_WAKEUP = 64  # drain the backlog in batches, but let other work run
-
-
-class NativeRelay(Protocol):
-    """What the proxy needs of a byte-moving engine (``consulate.native.engine``)."""
-
-    @property
-    def notify_fd(self) -> int: ...
-
-    def connect(self, conn_id: int, client: socket.socket,
-                candidates: Sequence[tuple[str, int]], mark: int = 0) -> None: ...
-
-    def poll(self) -> Sequence[_Result]: ...
-
-    def close(self) -> Sequence[_Result]: ...
-
-
-class _Result(Protocol):
-    @property
-    def id(self) -> int: ...
-
-    @property
-    def bytes_a_to_b(self) -> int: ...
-
-    @property
-    def bytes_b_to_a(self) -> int: ...
-
-    @property
-    def reason(self) -> str: ...
-
-    @property
-    def error(self) -> int: ...
-
-    @property
-    def failed_mask(self) -> int: ...
 
 
 @dataclass
@@ -85,7 +55,7 @@ class TransparentProxy:
         self,
         table: RouteTable,
         *,
-        engine: NativeRelay | None = None,
+        engine: SpliceEngine | None = None,
         mark: int = 0,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         attempts: int = DEFAULT_ATTEMPTS,
@@ -97,8 +67,8 @@ class TransparentProxy:
         self._connect_timeout = connect_timeout
         self._attempts = attempts
         self._listener: socket.socket | None = None
-        self._ids = itertools.count(1)
-        self._in_engine: dict[int, _Route] = {}
+        self._service_ids: dict[str, int] = {}  # the engine's counters are indexed by these
+        self._unsubscribe: Callable[[], None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._python = PythonRelay()
 
@@ -114,16 +84,26 @@ class TransparentProxy:
         listener.listen(4096)
         listener.setblocking(False)
         self._listener = listener
-        loop.add_reader(listener.fileno(), self._accept_ready)
-        if self._engine is not None:
+        if self._engine is None:
+            loop.add_reader(listener.fileno(), self._accept_ready)
+        else:
             loop.add_reader(self._engine.notify_fd, self._engine_results)
+            self._publish_routes(self.table.version)
+            self._unsubscribe = self.table.subscribe(self._publish_routes)
+            self._engine.listen(listener, mark=self._mark, attempts=self._attempts)
         log.info("event=listen component=proxy address=%s:%d relay=%s", host, port,
                  self.relay_name)
 
     async def close(self) -> None:
         loop = asyncio.get_running_loop()
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
         if self._listener is not None:
-            loop.remove_reader(self._listener.fileno())
+            if self._engine is None:
+                loop.remove_reader(self._listener.fileno())
+            else:
+                self._engine.unlisten()
             self._listener.close()
             self._listener = None
         for task in list(self._tasks):
@@ -133,8 +113,16 @@ class TransparentProxy:
         self._python.close()
         if self._engine is not None:
             loop.remove_reader(self._engine.notify_fd)
-            self._account(self._engine.close())
+            self._log_engine_reports(self._engine.poll())
+            self._merge_engine_counters()
+            self._engine.close()
             self._engine = None
+
+    def stats_snapshot(self) -> dict[str, object]:
+        """The proxy's counters, whichever relay counted them."""
+        if self._engine is not None:
+            self._merge_engine_counters()
+        return self.stats.snapshot()
 
     # -- accept ------------------------------------------------------------------
 
@@ -151,7 +139,7 @@ class TransparentProxy:
                 return
             client.setblocking(False)
             route = self._route(client, peer)
-            if route is None or self._hand_to_engine(client, route):
+            if route is None:
                 continue
             task = loop.create_task(self._connect_and_relay(client, route))
             self._tasks.add(task)
@@ -184,22 +172,6 @@ class TransparentProxy:
             _reset(client)
             return None
         return _Route(peer, service.name, counters, candidates)
-
-    def _hand_to_engine(self, client: socket.socket, route: _Route) -> bool:
-        """Give the connection (connect attempts included) to the native engine."""
-        if self._engine is None:
-            return False
-        conn_id = next(self._ids)
-        try:
-            self._engine.connect(conn_id, client,
-                                 [(e.address, e.port) for e in route.candidates], self._mark)
-        except OSError as exc:
-            log.warning("event=native-declined errno=%s fallback=python",
-                        errno.errorcode.get(exc.errno or 0, exc.errno))
-            return False
-        route.counters.connections_active += 1
-        self._in_engine[conn_id] = route
-        return True
 
     async def _connect_and_relay(self, client: socket.socket, route: _Route) -> None:
         try:
@@ -247,31 +219,62 @@ class TransparentProxy:
             sock.close()
             raise
 
-    # -- native engine results ----------------------------------------------------
+    # -- native engine: routes out, counters and reports in -----------------------
+
+    def _publish_routes(self, _version: int) -> None:
+        """Give the engine the table it routes by, rebuilt from the RouteTable."""
+        assert self._engine is not None
+        routes = []
+        for service in self.table.services():
+            service_id = self._service_ids.setdefault(service.name, len(self._service_ids))
+            routes.append(EngineRoute(service_id, str(service.vip),
+                                      [(e.address, e.port) for e in service.endpoints]))
+        self._engine.set_routes(routes)
+
+    def _merge_engine_counters(self) -> None:
+        assert self._engine is not None
+        names = sorted(self._service_ids, key=self._service_ids.__getitem__)
+        for name, counters in zip(names, self._engine.service_counters(len(names)),
+                                  strict=False):
+            self.stats.services[name] = ServiceCounters(**asdict(counters))
+        self.stats.unrouted = self._engine.stats().unrouted
 
     def _engine_results(self) -> None:
         assert self._engine is not None
-        self._account(self._engine.poll())
+        self._log_engine_reports(self._engine.poll())
 
-    def _account(self, results: Sequence[_Result]) -> None:
+    def _endpoint_id(self, service_name: str, address: str, port: int) -> str:
+        """The id of the endpoint the engine tried ("?" if it has left the table since)."""
+        service = self.table.service(service_name)
+        for endpoint in service.endpoints if service is not None else ():
+            if (endpoint.address, endpoint.port) == (address, port):
+                return endpoint.id
+        return "?"
+
+    def _log_engine_reports(self, results: Sequence[RelayResult]) -> None:
+        """Log what the engine refused or failed to connect, as the Python path does."""
+        names = {service_id: name for name, service_id in self._service_ids.items()}
         for result in results:
-            route = self._in_engine.pop(result.id, None)
-            if route is None:
-                continue
-            counters = route.counters
-            for i, endpoint in enumerate(route.candidates):
+            client, (vip, port) = result.client, result.destination
+            name = names.get(result.service, "?")
+            if result.reason == "unrouted":
+                reason = "unknown-vip" if result.error == 0 else "no-original-destination"
+                log.warning("event=reject client=%s:%d destination=%s:%d reason=%s", *client,
+                            vip, port, reason)
+            elif result.reason == "no-endpoints":
+                log.warning("event=reject client=%s:%d service=%s vip=%s reason=no-endpoints",
+                            *client, name, vip)
+            elif result.reason == "accept-failed":
+                log.warning("event=accept-failed error=%r", os.strerror(result.error))
+            for i, (address, endpoint_port) in enumerate(result.candidates):
                 if result.failed_mask & (1 << i):
-                    counters.connect_failures += 1
                     log.warning("event=connect-failed service=%s endpoint=%s address=%s:%d",
-                                endpoint.service, endpoint.id, endpoint.address, endpoint.port)
+                                name, self._endpoint_id(name, address, endpoint_port),
+                                address, endpoint_port)
             if result.reason == "connect-failed":
-                counters.rejected += 1
                 log.warning("event=reject client=%s:%d service=%s reason=all-attempts-failed "
-                            "attempts=%d error=%r", *route.peer, route.service,
-                            len(route.candidates), os.strerror(result.error))
-            counters.bytes_to_upstream += result.bytes_a_to_b
-            counters.bytes_to_client += result.bytes_b_to_a
-            _finished(counters)
+                            "attempts=%d error=%r", *client, name, len(result.candidates),
+                            os.strerror(result.error))
 
 
 def _reset(sock: socket.socket) -> None:

@@ -9,6 +9,7 @@ and the server's trailer, sent after the client's EOF, proves the half-close.
 from __future__ import annotations
 
 import itertools
+import time
 
 import pytest
 from conftest import Peers
@@ -71,11 +72,14 @@ def test_vip_without_endpoints_is_closed_at_once_with_a_reason(
 ) -> None:
     agent.register("gone", "gone-1", mesh_lab.container_ip(1, 1), 7070)
     agent.api("PUT", "/v1/agent/service/deregister/gone-1")
-    [result] = peers.connect("h1c4", "gone.service.consul", 80)
-    assert not result["ok"]
-    assert result["received"] == 0
-    # An RST reaches whichever of the client's calls comes first: recv() sees
-    # ECONNRESET, or the sender's shutdown() finds the socket closed (ENOTCONN).
+    # DNS answers NXDOMAIN now; a client that resolved the name earlier still has the VIP.
+    vip = agent.api("GET", "/v1/agent/self")["Stats"]["routes"]["services"]["gone"]["vip"]
+    [result] = peers.connect("h1c4", vip, 80)
+    assert not result["ok"], result
+    assert result.get("received", 0) == 0
+    # An RST reaches whichever of the client's calls comes first: connect() or
+    # recv() see ECONNRESET, or the sender's shutdown() finds the socket closed
+    # (ENOTCONN).
     assert "ConnectionResetError" in result["error"] or "(107," in result["error"], result
     assert result["elapsed"] < 1.0  # refused, not left to a timeout
     assert "reason=no-endpoints" in agent.log()
@@ -109,3 +113,38 @@ def test_unanswered_connect_times_out_and_retries_elsewhere(
     counters = agent.api("GET", "/v1/agent/self")["Stats"]["proxy"]["services"]["slow"]
     assert (counters["connect_failures"], counters["rejected"]) == (2, 0)
     assert "event=connect-failed service=slow endpoint=slow-3" in agent.log()
+
+
+def test_counters_count_every_byte_and_connection(
+    mesh_lab: Lab, agent: LabAgent, peers: Peers
+) -> None:
+    peers.serve("h1c3", "tally-1", 4040)
+    agent.register("tally", "tally-1", mesh_lab.container_ip(1, 3), 4040)
+    results = peers.connect("h1c4", "tally.service.consul", 80, count=3, size=100_000)
+    assert [r["ok"] for r in results] == [True] * 3
+    trailer = len("sha256=") + 64 + 1
+
+    def counters() -> dict[str, int]:
+        stats = agent.api("GET", "/v1/agent/self")["Stats"]["proxy"]["services"]["tally"]
+        return dict(stats)
+
+    # The client has its answer a moment before the relay has closed both sides.
+    deadline = time.monotonic() + 2
+    while counters()["connections_active"] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert counters() == {
+        "connections_total": 3, "connections_active": 0, "connect_failures": 0,
+        "rejected": 0, "bytes_to_upstream": 3 * 100_000,
+        "bytes_to_client": 3 * (len("tally-1\n") + 100_000 + trailer),
+    }
+
+
+def test_address_in_the_vip_range_but_no_service_is_reset(
+    agent: LabAgent, peers: Peers
+) -> None:
+    before = agent.api("GET", "/v1/agent/self")["Stats"]["proxy"]["unrouted"]
+    [result] = peers.connect("h1c4", "240.0.0.1", 80)  # none of this suite's names maps here
+    assert not result["ok"], result
+    assert result["elapsed"] < 1.0
+    assert "destination=240.0.0.1:80 reason=unknown-vip" in agent.log()
+    assert agent.api("GET", "/v1/agent/self")["Stats"]["proxy"]["unrouted"] == before + 1

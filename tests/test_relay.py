@@ -14,11 +14,13 @@ import socket
 import struct
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
 from consulate.native import capabilities
-from consulate.native.engine import RelayResult, SpliceEngine
+from consulate.native.engine import SpliceEngine
+from consulate.native.model import RelayResult
 from consulate.proxy.relay import PythonRelay
 
 MiB = 1024 * 1024
@@ -90,6 +92,11 @@ async def relay(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
     harness = Harness(request.param)
     yield harness
     await harness.close()
+
+
+def _sysctl_max(name: str) -> int:
+    """The maximum of a "min default max" sysctl such as net/ipv4/tcp_rmem."""
+    return int(Path("/proc/sys", name).read_text().split()[-1])
 
 
 def recv_all(sock: socket.socket) -> bytes:
@@ -200,11 +207,14 @@ async def test_slow_reader_keeps_relay_buffers_bounded(relay: Harness) -> None:
         except BlockingIOError:
             await asyncio.sleep(0.01)
     received = await reader
-    # In flight: the kernel's socket buffers on both hops plus the relay's own
-    # (256 KiB for Python, a 1 MiB pipe for native). A relay that kept reading would
-    # have taken in everything the server could write in 3 s: gigabytes.
+    # In flight: the kernel's socket buffers on both hops (receive buffers autotune
+    # up to tcp_rmem's maximum while the relay still reads at full speed) plus the
+    # relay's own (256 KiB for Python, a 1 MiB pipe for native). A relay that kept
+    # reading would have taken in everything the server could write in 3 s:
+    # gigabytes.
     assert 200_000 < received < 400_000
-    assert sent - received < 32 * MiB, (sent, received)
+    kernel = 2 * _sysctl_max("net/ipv4/tcp_rmem") + 2 * _sysctl_max("net/ipv4/tcp_wmem")
+    assert sent - received < kernel + 2 * MiB, (sent, received, kernel)
     client.close()
     server.close()
 

@@ -1,0 +1,59 @@
+"""What the proxy and the native engine exchange: plain data, importable without the
+C extension (so the proxy can be typed and tested where it is not built)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RelayResult:
+    """How one relayed connection ended, with its byte counters."""
+
+    id: int
+    bytes_a_to_b: int
+    bytes_b_to_a: int
+    spliced_a_to_b: int
+    spliced_b_to_a: int
+    # done | error | idle | stopped | connect-failed, and for accepted connections
+    # unrouted (no original destination, or no such VIP) | no-endpoints | accept-failed
+    reason: str
+    error: int  # errno of an error, of the last attempt for connect-failed, of accept
+    failed_mask: int = 0  # bit i: candidate i was tried and failed
+    # Connections the engine accepted itself (reported only when there is
+    # something to log: a refusal or a failed connect attempt).
+    service: int = 0
+    client: tuple[str, int] = ("0.0.0.0", 0)
+    destination: tuple[str, int] = ("0.0.0.0", 0)  # the original one (the VIP)
+    candidates: tuple[tuple[str, int], ...] = ()  # in the order they were to be tried
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    active: int
+    pipes_pooled: int
+    pipes_open: int
+    accepted: int
+    unrouted: int  # accepted connections whose destination is no known VIP
+
+
+@dataclass(frozen=True)
+class EngineRoute:
+    """What the engine needs of one service to route its VIP: ids index the counters."""
+
+    service: int
+    vip: str
+    endpoints: Sequence[tuple[str, int]]
+
+
+@dataclass(frozen=True)
+class EngineServiceCounters:
+    """One service's counters for the connections the engine accepted."""
+
+    connections_total: int
+    connections_active: int
+    connect_failures: int
+    rejected: int
+    bytes_to_upstream: int
+    bytes_to_client: int
