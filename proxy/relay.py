@@ -1,8 +1,8 @@
 """The pure-Python relay: two asyncio protocols joined back to back.
 
 This is the twin of the native splice engine (``consulate.native.engine``):
-used with ``--relay python``, when the extension is not built, or when the engine
-declines a connection. Both pass the same tests.
+used with ``--relay python`` or when the extension is not built. Both pass the
+same tests.
 
 Each side writes what it reads into the other side's transport. Flow control is
 the transports' own: when one side's write buffer passes its high-water mark,
@@ -12,10 +12,9 @@ a half-close (see ``_forward_eof``), and the pair closes only when both directio
 ended, so a client that shuts down its writing side still gets the whole answer.
 A reset on one side resets the other (``abort``), as the native engine does.
 
-Both sockets are connected before the transports exist. The first side created
-may read before its peer exists (uvloop starts reading right after
-``connection_made``): it keeps those bytes and pauses, and the second side
-flushes them when it joins.
+A pair starts from the client's side, made by uvloop's server when it accepts;
+the upstream side joins once its socket has connected. Until then the client
+side keeps what it reads and pauses reading; the joining side flushes it.
 """
 
 from __future__ import annotations
@@ -34,16 +33,23 @@ EOF_RETRY_DELAY = 0.002  # seconds between checks that a buffered direction has 
 
 
 class RelaySide(asyncio.Protocol):
-    """One end of a relay; ``peer`` is the other end."""
+    """One end of a relay; ``peer`` is the other end.
+
+    ``on_made`` runs when the transport exists (the proxy routes an accepted
+    client there); ``on_closed`` is shared by both ends of a pair (see
+    ``PythonRelay``), and ``on_bytes`` counts what this side reads.
+    """
 
     def __init__(self, on_bytes: Callable[[int], None], on_closed: Callable[[], None],
-                 peer: RelaySide | None = None) -> None:
+                 peer: RelaySide | None = None,
+                 on_made: Callable[[RelaySide], None] | None = None) -> None:
         self.transport: asyncio.Transport | None = None
         self.peer = peer
         self.read_eof = False
         self.closed = False
-        self._on_bytes = on_bytes
-        self._on_closed = on_closed
+        self.on_bytes = on_bytes
+        self.on_closed = on_closed
+        self._on_made = on_made
         self._early: list[bytes] = []
 
     # -- asyncio callbacks -------------------------------------------------------
@@ -53,15 +59,24 @@ class RelaySide(asyncio.Protocol):
         self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         peer = self.peer
         if peer is not None and peer.transport is not None:
-            peer.peer = self  # the second side: join the pair
-            for chunk in peer._early:
-                peer._on_bytes(len(chunk))
-                self.transport.write(chunk)
-            peer._early.clear()
-            if peer.read_eof:
-                _forward_eof(self.transport)
-            else:
-                peer.transport.resume_reading()
+            self._join(peer, self.transport)
+        if self._on_made is not None:
+            self._on_made(self)
+
+    def _join(self, peer: RelaySide, transport: asyncio.Transport) -> None:
+        """The second side: pair up, and pass on what the first one read meanwhile."""
+        peer.peer = self
+        for chunk in peer._early:
+            peer.on_bytes(len(chunk))
+            transport.write(chunk)
+        peer._early.clear()
+        if peer.closed:  # it left while we connected: deliver what it sent, then go
+            transport.close()
+        elif peer.read_eof:
+            _forward_eof(transport)
+        else:
+            assert peer.transport is not None
+            peer.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
         peer = self.peer
@@ -72,7 +87,7 @@ class RelaySide(asyncio.Protocol):
             return
         if peer.closed:
             return
-        self._on_bytes(len(data))
+        self.on_bytes(len(data))
         peer.transport.write(data)
 
     def eof_received(self) -> bool:
@@ -89,14 +104,11 @@ class RelaySide(asyncio.Protocol):
         peer = self.peer
         if peer is not None and peer.transport is not None and not peer.closed:
             if exc is not None:  # propagate the reset: abort() alone would send a FIN
-                sock = peer.transport.get_extra_info("socket")
-                if sock is not None:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-                peer.transport.abort()
+                reset(peer.transport)
             else:
                 peer.transport.close()  # flushes what is buffered for the peer first
         if peer is None or peer.closed:
-            self._on_closed()
+            self.on_closed()
 
     def pause_writing(self) -> None:
         if self.peer is not None and self.peer.transport is not None:
@@ -112,6 +124,25 @@ class RelaySide(asyncio.Protocol):
                 side.transport.close()
 
 
+class ClientSide(RelaySide):
+    """The side a pair starts from, with the pair's end-of-life callback."""
+
+    def __init__(self, on_bytes: Callable[[int], None], on_closed: Callable[[], None],
+                 on_made: Callable[[RelaySide], None] | None = None) -> None:
+        super().__init__(on_bytes, on_closed, on_made=on_made)
+        self.on_done: Callable[[], None] = _nothing
+        self.done = False
+
+
+def reset(transport: asyncio.Transport) -> None:
+    """Close with RST (SO_LINGER 0): the peer learns at once that the other end failed."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    transport.abort()
+
+
 def _forward_eof(transport: asyncio.Transport) -> None:
     """Half-close ``transport`` once what is buffered for it has been sent.
 
@@ -119,29 +150,82 @@ def _forward_eof(transport: asyncio.Transport) -> None:
     a close() soon after (the normal end of a relay) corrupts the heap: a double
     free, reproduced with bench/minimal_proxy.py under 32 concurrent short
     connections, and gone with stock asyncio or without write_eof.
-    A shutdown(2) on a duplicate of the descriptor acts on the connection itself,
-    sends the FIN at once (so a client that got its whole answer is not left
-    holding TIME_WAIT) and leaves uvloop's handle alone.
+    A shutdown(2) on the descriptor acts on the connection itself, sends the FIN
+    at once (so a client that got its whole answer is not left holding
+    TIME_WAIT) and leaves uvloop's handle alone. uvloop's socket stand-in has no
+    shutdown(), so a socket object borrows the descriptor for the call: built
+    with its family and type given (no getsockopt to find them) and detached
+    after, it neither duplicates nor closes it.
     """
     if transport.is_closing():
         return
     if transport.get_write_buffer_size() > 0:  # still flushing: look again shortly
         asyncio.get_running_loop().call_later(EOF_RETRY_DELAY, _forward_eof, transport)
         return
-    sock = transport.get_extra_info("socket")
-    if sock is None:
+    stand_in = transport.get_extra_info("socket")
+    if stand_in is None:
         return
-    with contextlib.suppress(OSError), socket.fromfd(
-        sock.fileno(), socket.AF_INET, socket.SOCK_STREAM
-    ) as dup:
-        dup.shutdown(socket.SHUT_WR)
+    borrowed = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, stand_in.fileno())
+    try:
+        borrowed.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass  # the peer is gone already: connection_lost follows
+    finally:
+        borrowed.detach()
 
 
 class PythonRelay:
-    """Starts Python relays and remembers the live ones, so shutdown can close them."""
+    """Makes relay pairs and remembers the live ends, so shutdown can close them.
+
+    A pair starts from its client side (``client``), which may read before the
+    upstream exists; ``join`` adds the upstream socket once it is connected.
+    ``on_closed`` runs exactly once per pair, whichever way it ends.
+    """
 
     def __init__(self) -> None:
         self._live: set[RelaySide] = set()
+
+    def client(self, on_made: Callable[[RelaySide], None] | None = None) -> ClientSide:
+        """A client side (a protocol for an accepted connection).
+
+        Its ``on_bytes`` and ``on_done`` can be set once it is known where the
+        connection goes: the pair calls ``on_done`` once, when it is over.
+        """
+        side: ClientSide
+
+        def closed() -> None:
+            self._live.discard(side)
+            if side.peer is not None:
+                self._live.discard(side.peer)
+            if not side.done:
+                side.done = True
+                side.on_done()
+
+        side = ClientSide(_ignore_bytes, closed, on_made=on_made)
+        self._live.add(side)
+        return side
+
+    async def join(self, client: RelaySide, to_client: Callable[[int], None], *,
+                   address: tuple[str, int] | None = None,
+                   sock: socket.socket | None = None) -> None:
+        """Connect to ``address`` (or take the connected ``sock``) and relay it with
+        ``client``; raises OSError when the connect fails, the client untouched.
+
+        uvloop connects in C, with TCP_NODELAY, as fast as the minimal proxy does.
+        """
+        side = RelaySide(to_client, client.on_closed, peer=client)
+        self._live.add(side)
+        loop = asyncio.get_running_loop()
+        try:
+            if sock is not None:
+                await loop.create_connection(lambda: side, sock=sock)
+            else:
+                assert address is not None
+                await loop.create_connection(lambda: side, *address)
+        except BaseException:
+            if side.transport is None:
+                self._live.discard(side)
+            raise
 
     async def add(
         self,
@@ -153,23 +237,10 @@ class PythonRelay:
         on_closed: Callable[[], None],
     ) -> None:
         """Relay two connected sockets; ``on_closed`` runs once, when both are closed."""
-        loop = asyncio.get_running_loop()
-        sides: list[RelaySide] = []
-        done = False
-
-        def closed() -> None:
-            nonlocal done
-            self._live.difference_update(sides)
-            if not done:
-                done = True
-                on_closed()
-
-        upstream_side = RelaySide(to_client, closed)
-        client_side = RelaySide(to_upstream, closed, peer=upstream_side)
-        sides += (upstream_side, client_side)
-        self._live.update(sides)
-        await loop.create_connection(lambda: upstream_side, sock=upstream)
-        await loop.connect_accepted_socket(lambda: client_side, client)
+        side = self.client()
+        side.on_bytes, side.on_done = to_upstream, on_closed
+        await asyncio.get_running_loop().connect_accepted_socket(lambda: side, client)
+        await self.join(side, to_client, sock=upstream)
 
     def close(self) -> None:
         """Close every live relay (a clean close: buffered bytes are flushed first)."""
@@ -177,3 +248,11 @@ class PythonRelay:
             if side.transport is not None:
                 side.transport.close()
         self._live.clear()
+
+
+def _ignore_bytes(_count: int) -> None:
+    """Byte counter of a client side until the proxy knows its service."""
+
+
+def _nothing() -> None:
+    """End-of-life callback of a pair nobody accounts for (a refused client)."""

@@ -6,24 +6,25 @@ the per-connection path runs entirely in C: the proxy lends the engine its
 listening socket and publishes, at every RouteTable change, the table the engine
 routes by (VIP -> service id -> endpoints); Python keeps the decisions (which
 endpoints, in which order of preference) and hears back only what it must log.
-With the Python relay, the proxy accepts raw sockets itself, so that the client's
-first bytes wait in the kernel while the upstream connect is in progress.
+With the Python relay, uvloop accepts and makes the client's transport; the
+proxy routes it in ``connection_made`` and joins the upstream once connected (what
+the client sends meanwhile waits in the relay, its reading paused).
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
 import socket
-import struct
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 from consulate.native.model import EngineRoute, RelayResult
 from consulate.proxy.origdst import original_dst
-from consulate.proxy.relay import PythonRelay
+from consulate.proxy.relay import ClientSide, PythonRelay, RelaySide, reset
 from consulate.proxy.stats import ProxyStats, ServiceCounters
 from consulate.proxy.table import Endpoint, RouteTable
 
@@ -35,12 +36,12 @@ log = logging.getLogger("consulate.proxy")
 DEFAULT_PORT = 10000  # Ambassadord's port
 DEFAULT_CONNECT_TIMEOUT = 2.0
 DEFAULT_ATTEMPTS = 3
-ACCEPTS_PER_WAKEUP = 64  # drain the backlog in batches, but let other work run
+LISTEN_BACKLOG = 4096  # bursts of new connections wait in the kernel, not refused
 
 
 @dataclass
 class _Route:
-    """A connection's routing decision: made once, in Python, whichever relay runs it."""
+    """A Python-relayed connection's routing decision."""
 
     peer: tuple[str, int]
     service: str
@@ -67,10 +68,12 @@ class TransparentProxy:
         self._connect_timeout = connect_timeout
         self._attempts = attempts
         self._listener: socket.socket | None = None
+        self._server: asyncio.AbstractServer | None = None
         self._service_ids: dict[str, int] = {}  # the engine's counters are indexed by these
         self._unsubscribe: Callable[[], None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._python = PythonRelay()
+        self._vip_network = table.vip_network
 
     @property
     def relay_name(self) -> str:
@@ -81,11 +84,13 @@ class TransparentProxy:
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind((host, port))
-        listener.listen(4096)
+        listener.listen(LISTEN_BACKLOG)
         listener.setblocking(False)
         self._listener = listener
         if self._engine is None:
-            loop.add_reader(listener.fileno(), self._accept_ready)
+            self._server = await loop.create_server(
+                lambda: self._python.client(on_made=self._route_client), sock=listener,
+                backlog=LISTEN_BACKLOG)
         else:
             loop.add_reader(self._engine.notify_fd, self._engine_results)
             self._publish_routes(self.table.version)
@@ -99,10 +104,11 @@ class TransparentProxy:
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
+        if self._server is not None:
+            self._server.close()  # closes the listener too
+            self._server = None
         if self._listener is not None:
-            if self._engine is None:
-                loop.remove_reader(self._listener.fileno())
-            else:
+            if self._engine is not None:
                 self._engine.unlisten()
             self._listener.close()
             self._listener = None
@@ -124,43 +130,38 @@ class TransparentProxy:
             self._merge_engine_counters()
         return self.stats.snapshot()
 
-    # -- accept ------------------------------------------------------------------
+    # -- the Python relay: route in connection_made, then connect and join -------
 
-    def _accept_ready(self) -> None:
-        assert self._listener is not None
-        loop = asyncio.get_running_loop()
-        for _ in range(ACCEPTS_PER_WAKEUP):
-            try:
-                client, peer = self._listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:  # EMFILE and friends: keep serving the others
-                log.warning("event=accept-failed error=%r", exc.strerror)
-                return
-            client.setblocking(False)
-            route = self._route(client, peer)
-            if route is None:
-                continue
-            task = loop.create_task(self._connect_and_relay(client, route))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+    def _route_client(self, client: RelaySide) -> None:
+        assert isinstance(client, ClientSide) and client.transport is not None
+        route = self._route(client.transport)
+        if route is None:
+            return
+        counters = route.counters
+        counters.connections_active += 1
+        client.on_bytes = counters.count_to_upstream
+        client.on_done = counters.count_closed
+        task = asyncio.get_running_loop().create_task(self._connect_and_join(client, route))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
-    def _route(self, client: socket.socket, peer: tuple[str, int]) -> _Route | None:
+    def _route(self, transport: asyncio.Transport) -> _Route | None:
         """Where this connection goes, or None after resetting it (logged, counted)."""
+        peer = transport.get_extra_info("peername")
         try:
-            vip, port = original_dst(client)
+            vip, port = original_dst(transport.get_extra_info("socket"))
         except (OSError, ValueError) as exc:
             self.stats.unrouted += 1
             log.warning("event=reject client=%s:%d reason=no-original-destination error=%s",
                         *peer, exc)
-            _reset(client)
+            reset(transport)
             return None
         service = self.table.service_by_vip(vip)
         if service is None:
             self.stats.unrouted += 1
             log.warning("event=reject client=%s:%d destination=%s:%d reason=unknown-vip",
                         *peer, vip, port)
-            _reset(client)
+            reset(transport)
             return None
         counters = self.stats.of(service.name)
         counters.connections_total += 1
@@ -169,55 +170,55 @@ class TransparentProxy:
             counters.rejected += 1
             log.warning("event=reject client=%s:%d service=%s vip=%s reason=no-endpoints",
                         *peer, service.name, vip)
-            _reset(client)
+            reset(transport)
             return None
         return _Route(peer, service.name, counters, candidates)
 
-    async def _connect_and_relay(self, client: socket.socket, route: _Route) -> None:
-        try:
-            for endpoint in route.candidates:
-                upstream = await self._connect(endpoint, route.counters)
-                if upstream is not None:
-                    route.counters.connections_active += 1
-                    await self._python.add(
-                        client, upstream,
-                        to_upstream=route.counters.count_to_upstream,
-                        to_client=route.counters.count_to_client,
-                        on_closed=lambda: _finished(route.counters),
-                    )
-                    return
-        except BaseException:
-            client.close()
-            raise
+    async def _connect_and_join(self, client: RelaySide, route: _Route) -> None:
+        for endpoint in route.candidates:
+            if client.closed:
+                return  # the client gave up meanwhile (its pair is already over)
+            if await self._try_endpoint(client, endpoint, route.counters):
+                return
         route.counters.rejected += 1
         log.warning("event=reject client=%s:%d service=%s reason=all-attempts-failed "
                     "attempts=%d", *route.peer, route.service, len(route.candidates))
-        _reset(client)
+        assert client.transport is not None
+        reset(client.transport)
 
-    async def _connect(
-        self, endpoint: Endpoint, counters: ServiceCounters
-    ) -> socket.socket | None:
-        loop = asyncio.get_running_loop()
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    async def _try_endpoint(self, client: RelaySide, endpoint: Endpoint,
+                            counters: ServiceCounters) -> bool:
+        """Connect to one endpoint and relay it with ``client``; False when it failed."""
+        address = (endpoint.address, endpoint.port)
         try:
-            if self._mark:
-                # The mark exempts our own upstream connections from REDIRECT.
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, self._mark)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.setblocking(False)
             async with asyncio.timeout(self._connect_timeout):
-                await loop.sock_connect(sock, (endpoint.address, endpoint.port))
-            return sock
+                if self._mark and ipaddress.IPv4Address(endpoint.address) in self._vip_network:
+                    # Only a connection to an address inside the VIP range needs the
+                    # mark that exempts it from REDIRECT (uvloop cannot set it before
+                    # connecting, so this rare case connects its own socket).
+                    await self._python.join(client, counters.count_to_client,
+                                            sock=await self._marked_connection(address))
+                else:
+                    await self._python.join(client, counters.count_to_client,
+                                            address=address)
+            return True
         except (OSError, TimeoutError) as exc:
-            sock.close()
             counters.connect_failures += 1
             reason = "timeout" if isinstance(exc, TimeoutError) else exc.strerror or repr(exc)
             log.warning("event=connect-failed service=%s endpoint=%s address=%s:%d error=%r",
                         endpoint.service, endpoint.id, endpoint.address, endpoint.port, reason)
-            return None
+            return False
+
+    async def _marked_connection(self, address: tuple[str, int]) -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, self._mark)
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, address)
         except BaseException:
             sock.close()
             raise
+        return sock
 
     # -- native engine: routes out, counters and reports in -----------------------
 
@@ -275,13 +276,3 @@ class TransparentProxy:
                 log.warning("event=reject client=%s:%d service=%s reason=all-attempts-failed "
                             "attempts=%d error=%r", *client, name, len(result.candidates),
                             os.strerror(result.error))
-
-
-def _reset(sock: socket.socket) -> None:
-    """Close with RST: the client learns at once that nothing will answer."""
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    sock.close()
-
-
-def _finished(counters: ServiceCounters) -> None:
-    counters.connections_active -= 1

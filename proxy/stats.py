@@ -23,6 +23,9 @@ class ServiceCounters:
     def count_to_client(self, n: int) -> None:
         self.bytes_to_client += n
 
+    def count_closed(self) -> None:
+        self.connections_active -= 1
+
 
 class ProxyStats:
     """All counters of one proxy; ``unrouted`` counts connections to no known VIP."""
