@@ -37,6 +37,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: make `consulate` importable the same way
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.signals import run_main
 from consulate.native.engine import DEFAULT_SPLICE_THRESHOLD, SpliceEngine
 
 KiB = 1024
@@ -311,4 +312,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -34,6 +34,7 @@ if __package__ in (None, ""):  # run as a file (python bench/tcp.py): make `benc
 
 from bench import loadgen, peers, report
 from bench.report import Metric, Section
+from bench.signals import run_main
 from consulate.control import lab as labs
 
 PROXY_CPUS = {0}  # proxy-side processes in h1
@@ -360,4 +361,4 @@ def _write(args: argparse.Namespace, pin: bool, elapsed: float, variants: list[s
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))
