@@ -1,7 +1,8 @@
 """cffi build script (API mode, out of line) for ``consulate.native._relay``.
 
-The C declarations below are the whole contract between Python and relay.c;
-``consulate.native.engine`` wraps them so that nothing else touches ``ffi``.
+The C declarations below are the whole contract between Python and the C files
+(relay.c, udp_batch.c); ``consulate.native.engine`` and ``consulate.native.udp``
+wrap them so that nothing else touches ``ffi``.
 """
 
 from pathlib import Path
@@ -66,13 +67,30 @@ size_t consulate_relay_poll(consulate_relay_engine *e, consulate_relay_result *o
 void consulate_relay_stats_get(consulate_relay_engine *e, consulate_relay_stats *out);
 void consulate_relay_stop(consulate_relay_engine *e);
 void consulate_relay_free(consulate_relay_engine *e);
+
+typedef struct consulate_udp_batch {
+    int fd;
+    int slots;
+    uint32_t slot_size;
+    uint8_t *buf;
+    uint32_t *lens;
+    uint64_t truncated, send_dropped;
+    ...;
+} consulate_udp_batch;
+
+consulate_udp_batch *consulate_udp_batch_new(int fd, int slots, uint32_t slot_size);
+void consulate_udp_batch_free(consulate_udp_batch *b);
+int consulate_udp_recv(consulate_udp_batch *b);
+int consulate_udp_send(consulate_udp_batch *b, const char *data, const uint32_t *offsets,
+                       const uint32_t *lens, const int *slots, int count);
 """
 
 ffibuilder = FFI()
 ffibuilder.cdef(CDEF)
 ffibuilder.set_source(
     "consulate.native._relay",
-    (HERE / "relay.c").read_text(),
+    # One translation unit: the relay engine, then the batched UDP of the DNS responder.
+    (HERE / "relay.c").read_text() + (HERE / "udp_batch.c").read_text(),
     extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-function"],
     libraries=["pthread"],
 )
