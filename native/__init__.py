@@ -1,10 +1,11 @@
-"""Byte movers between two file descriptors; knows nothing of routing.
+"""The native byte movers: the relay engine (``engine``) and batched UDP (``udp``).
 
+They know no services: the engine routes by a table of VIP -> endpoints that
+the proxy computes and hands it, and moves bytes between file descriptors.
 The C extension ``consulate.native._relay`` is used when it is built and the
-kernel lets it work; ``CONSULATE_NO_EXTENSIONS=1`` forces the pure-Python path
-(the switch aiohttp calls NO_EXTENSIONS), so both paths stay tested. Until the
-splice relay loop lands, the extension only probes the kernel and the proxy
-relays in Python; ``capabilities()`` reports both facts so the agent can say so.
+kernel lets it work; ``CONSULATE_NO_EXTENSIONS=1`` forces the pure-Python paths
+(the switch aiohttp calls NO_EXTENSIONS), so both stay tested. ``capabilities()``
+reports what this process can use, so the agent can say so.
 """
 
 from __future__ import annotations
