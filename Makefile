@@ -15,7 +15,7 @@ BENCH_ARGS ?=
 # Debian packages the agent, the lab, the tests and the benchmarks use.
 APT_PACKAGES := iptables iproute2 dnsutils busybox-static wget util-linux procps \
 	libnetfilter-queue-dev libffi-dev build-essential python3-dev python3-venv \
-	iperf3 wrk haproxy socat nginx-light
+	iperf3 wrk haproxy socat nginx-light etcd-server etcd-client
 
 .PHONY: run test demo lint deps clean bench bench-tcp bench-splice
 
@@ -50,14 +50,25 @@ lint: deps
 deps: $(STAMP)/apt $(STAMP)/venv
 
 # apt runs only when a package is missing, so a set-up machine starts at once.
-$(STAMP)/apt: Makefile
-	@missing=$$(for p in $(APT_PACKAGES); do \
+# Packages such as etcd-server, docker.io or unbound would start their system
+# service on install (a resolver on port 53, a dockerd rewriting this namespace's
+# iptables): the install runs under a policy-rc.d that forbids starting any
+# (an existing policy-rc.d is kept). The tests start what they need themselves.
+apt_install = missing=$$(for p in $(1); do \
 		dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; \
 	done); \
 	if [ -n "$$missing" ]; then \
-		echo "installing Debian packages: $$missing"; \
+		echo "installing Debian packages: $$missing (no service started)"; \
+		guard=; if [ ! -e /usr/sbin/policy-rc.d ]; then \
+			printf '\#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d; \
+			guard=/usr/sbin/policy-rc.d; \
+		fi; \
+		trap '[ -z "$$guard" ] || rm -f "$$guard"' EXIT; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
+
+$(STAMP)/apt: Makefile
+	@$(call apt_install,$(APT_PACKAGES))
 	@mkdir -p $(STAMP) && touch $@
 
 $(STAMP)/venv: pyproject.toml setup.py native/build.py native/relay.c $(STAMP)/apt

@@ -10,6 +10,10 @@ class RegistryError(Exception):
     """Base of the errors a registry backend raises to its callers."""
 
 
+class RegistryUnavailable(RegistryError):
+    """The backend cannot be reached; the message names it and what to do."""
+
+
 class UnknownInstance(RegistryError):
     """The caller named an instance id the registry does not hold."""
 

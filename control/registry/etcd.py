@@ -1,0 +1,280 @@
+"""The etcd backend: the registry on an etcd v3 cluster, for more than one machine.
+
+Layout under the prefix (default ``/consulate``)::
+
+    <prefix>/instances/<service>/<id>   the instance, JSON (no indexes)
+    <prefix>/ids/<id>                   its service name, to find it by id
+
+Both keys of an instance are written in one transaction and share its lease, so
+a TTL instance vanishes whole when its heartbeats stop: etcd expires the lease,
+not this process. The registry index is etcd's revision, which only grows and is
+shared by every key, as the interface wants; an instance's ``create_index`` is
+its key's create revision, kept across re-registrations (Discoverd's
+registration age).
+
+Watches follow the instances prefix by revision. When the stream breaks (a
+member went away, the revision was compacted), the watcher reads the whole set
+again and emits the difference as ``up``/``down`` changes, so a consumer never
+keeps an instance that vanished meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import aetcd
+import aetcd.exceptions
+import aetcd.rtypes
+
+from consulate.control.registry.model import (
+    Change,
+    Instance,
+    RegistryUnavailable,
+    UnknownInstance,
+)
+
+log = logging.getLogger("consulate.registry.etcd")
+
+DEFAULT_PREFIX = "/consulate"
+REQUEST_TIMEOUT = 5  # seconds per etcd call
+RECONNECT_DELAYS = (0.1, 0.2, 0.5, 1.0, 2.0)  # then 2 s apart, while a watch is down
+
+_UNAVAILABLE = (aetcd.exceptions.ConnectionFailedError,
+                aetcd.exceptions.ConnectionTimeoutError,
+                aetcd.exceptions.InternalError)
+_INDEX_FIELDS = {"create_index", "modify_index"}
+
+
+def _encode(instance: Instance) -> bytes:
+    body = {k: v for k, v in dataclasses.asdict(instance).items() if k not in _INDEX_FIELDS}
+    return json.dumps(body, sort_keys=True).encode()
+
+
+def _decode(value: bytes, create_revision: int, mod_revision: int) -> Instance:
+    body = json.loads(value)
+    body["tags"] = tuple(body.get("tags", ()))
+    return Instance(**body).indexed(create_revision, mod_revision)
+
+
+class EtcdRegistry:
+    """RegistryBackend on etcd v3 (gRPC), one or more members."""
+
+    def __init__(self, endpoints: Sequence[tuple[str, int]], prefix: str = DEFAULT_PREFIX) -> None:
+        if not endpoints:
+            raise ValueError("etcd needs at least one HOST:PORT endpoint")
+        self._endpoints = list(endpoints)
+        self._where = ",".join(f"{host}:{port}" for host, port in endpoints)
+        self._prefix = prefix.rstrip("/")
+        self._client = self._new_client()
+        self._revision = 0
+
+    def _new_client(self) -> aetcd.Client:
+        host, port = self._endpoints[-1]
+        if len(self._endpoints) > 1:
+            # aetcd dials f"{host}:{port}"; gRPC's ipv4: resolver takes a list of
+            # addresses and fails over between them (pick_first), so one channel
+            # serves the whole cluster.
+            others = ",".join(f"{h}:{p}" for h, p in self._endpoints[:-1])
+            host = f"ipv4:{others},{host}"
+        return aetcd.Client(host=host, port=port, timeout=REQUEST_TIMEOUT)
+
+    # -- keys ------------------------------------------------------------------
+
+    def _instances_prefix(self, name: str | None = None) -> bytes:
+        return f"{self._prefix}/instances/{name + '/' if name else ''}".encode()
+
+    def _instance_key(self, name: str, instance_id: str) -> bytes:
+        return f"{self._prefix}/instances/{name}/{instance_id}".encode()
+
+    def _id_key(self, instance_id: str) -> bytes:
+        return f"{self._prefix}/ids/{instance_id}".encode()
+
+    # -- calls -------------------------------------------------------------------
+
+    async def _call(self, what: str, call: Any) -> Any:
+        """Run one etcd call; an unreachable cluster becomes RegistryUnavailable."""
+        try:
+            result = await call
+        except _UNAVAILABLE as exc:
+            raise RegistryUnavailable(
+                f"etcd at {self._where} is not answering ({what}: {exc or type(exc).__name__}):"
+                " start it, or pass --registry embedded"
+            ) from None
+        header = getattr(result, "header", None)
+        if header is not None:
+            self._revision = max(self._revision, int(header.revision))
+        return result
+
+    async def _stored(self, instance_id: str) -> tuple[Instance, int] | None:
+        """The instance with this id and the id of its lease (0: none), if held."""
+        name_kv = await self._call("get", self._client.get(self._id_key(instance_id)))
+        if name_kv is None:
+            return None
+        name = name_kv.value.decode()
+        kv = await self._call("get", self._client.get(self._instance_key(name, instance_id)))
+        if kv is None:
+            return None
+        return _decode(kv.value, kv.create_revision, kv.mod_revision), int(kv.lease)
+
+    # -- mutations -------------------------------------------------------------
+
+    async def register(self, instance: Instance) -> Instance:
+        found = await self._stored(instance.id)
+        if found is not None and found[0].same_registration(instance):
+            old, lease_id = found
+            if lease_id:
+                await self._call("refresh", self._client.refresh_lease(lease_id))
+            return old
+        lease = None
+        if instance.ttl is not None:
+            # etcd leases count whole seconds; round up so an instance never
+            # expires before its TTL.
+            lease = await self._call("lease", self._client.lease(math.ceil(instance.ttl)))
+        txn = self._client.transactions
+        ops = [txn.put(self._id_key(instance.id), instance.name.encode(), lease=lease),
+               txn.put(self._instance_key(instance.name, instance.id), _encode(instance),
+                       lease=lease)]
+        if found is not None and found[0].name != instance.name:
+            ops.append(txn.delete(self._instance_key(found[0].name, instance.id)))
+        await self._call("register", self._client.transaction(compare=[], success=ops, failure=[]))
+        if found is not None and found[1]:
+            with contextlib.suppress(*_UNAVAILABLE, aetcd.exceptions.ClientError):
+                await self._client.revoke_lease(found[1])  # holds no key any more
+        stored = await self._stored(instance.id)
+        if stored is None:  # expired or removed in between: report what was written
+            raise UnknownInstance(instance.id)
+        log.info("event=register id=%s service=%s address=%s:%d index=%d", instance.id,
+                 instance.name, instance.address, instance.port, stored[0].modify_index)
+        return stored[0]
+
+    async def deregister(self, instance_id: str) -> int:
+        found = await self._stored(instance_id)
+        if found is None:
+            raise UnknownInstance(instance_id)
+        instance, lease_id = found
+        txn = self._client.transactions
+        await self._call("deregister", self._client.transaction(compare=[], failure=[], success=[
+            txn.delete(self._id_key(instance_id)),
+            txn.delete(self._instance_key(instance.name, instance_id)),
+        ]))
+        if lease_id:
+            with contextlib.suppress(*_UNAVAILABLE, aetcd.exceptions.ClientError):
+                await self._client.revoke_lease(lease_id)
+        index = await self._current_revision()  # a transaction's reply carries none
+        log.info("event=deregister id=%s service=%s index=%d", instance_id, instance.name,
+                 index)
+        return index
+
+    async def heartbeat(self, instance_id: str) -> None:
+        found = await self._stored(instance_id)
+        if found is None:
+            raise UnknownInstance(instance_id)
+        if found[1]:
+            await self._call("refresh", self._client.refresh_lease(found[1]))
+
+    # -- reads -----------------------------------------------------------------
+
+    async def get(self, instance_id: str) -> Instance | None:
+        found = await self._stored(instance_id)
+        return found[0] if found is not None else None
+
+    async def instances(self, name: str | None = None) -> tuple[list[Instance], int]:
+        result = await self._call("list", self._client.get_prefix(self._instances_prefix(name)))
+        found = [_decode(kv.value, kv.create_revision, kv.mod_revision) for kv in result]
+        found.sort(key=lambda i: i.id)
+        return found, int(result.header.revision)
+
+    @property
+    def index(self) -> int:
+        return self._revision
+
+    async def wait_for_index(self, index: int, timeout: float) -> int:
+        """Block until a change after ``index`` or ``timeout``; returns the revision."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                async for change in self.watch(index):
+                    if change.index > index:
+                        break
+        if self._revision <= index:  # nothing seen: make sure the revision is current
+            await self._current_revision()
+        return self._revision
+
+    async def _current_revision(self) -> int:
+        """etcd's revision now (read with an empty range: no data moves)."""
+        await self._call("revision", self._client.get_prefix(
+            f"{self._prefix}/revision".encode(), keys_only=True))
+        return self._revision
+
+    async def watch(self, since: int = 0) -> AsyncIterator[Change]:
+        known: dict[str, Instance] = {}
+        position = since
+        if since <= 0:
+            snapshot, position = await self.instances()
+            known = {i.id: i for i in snapshot}
+            yield Change(position, "snapshot", tuple(snapshot))
+        failures = 0
+        while True:
+            try:
+                async for change in self._follow(position, known):
+                    failures = 0
+                    position = change.index
+                    yield change
+            except aetcd.exceptions.RevisionCompactedError:
+                log.warning("event=watch-resync reason=compacted since=%d", position)
+            except (*_UNAVAILABLE, RegistryUnavailable) as exc:
+                delay = RECONNECT_DELAYS[min(failures, len(RECONNECT_DELAYS) - 1)]
+                failures += 1
+                log.warning("event=watch-reconnect etcd=%s error=%r retry_in=%.1fs",
+                            self._where, str(exc) or type(exc).__name__, delay)
+                await asyncio.sleep(delay)
+            # Whatever broke the stream, read the set again and emit the difference.
+            with contextlib.suppress(RegistryUnavailable):
+                changes, position = await self._resync(known)
+                for change in changes:
+                    yield change
+
+    async def _follow(self, position: int, known: dict[str, Instance]) -> AsyncIterator[Change]:
+        watch = await self._call("watch", self._client.watch_prefix(
+            self._instances_prefix(), start_revision=position + 1, prev_kv=True))
+        try:
+            async for event in watch:
+                kv = event.kv
+                revision = int(kv.mod_revision)
+                self._revision = max(self._revision, revision)
+                if event.kind == aetcd.rtypes.EventKind.PUT:
+                    instance = _decode(kv.value, kv.create_revision, kv.mod_revision)
+                    known[instance.id] = instance
+                    yield Change(revision, "up", (instance,))
+                    continue
+                instance_id = kv.key.decode().rsplit("/", 1)[-1]
+                gone = known.pop(instance_id, None)
+                if gone is None and event.prev_kv is not None:
+                    gone = _decode(event.prev_kv.value, event.prev_kv.create_revision,
+                                   event.prev_kv.mod_revision)
+                if gone is not None:
+                    yield Change(revision, "down", (gone,))
+        finally:
+            with contextlib.suppress(Exception):
+                await watch.cancel()
+
+    async def _resync(self, known: dict[str, Instance]) -> tuple[list[Change], int]:
+        """The changes that turn ``known`` into the current set (which it becomes)."""
+        current, revision = await self.instances()
+        now = {i.id: i for i in current}
+        changes = [Change(revision, "down", (gone,))
+                   for instance_id, gone in sorted(known.items()) if instance_id not in now]
+        changes += [Change(revision, "up", (instance,)) for instance in current
+                    if known.get(instance.id) != instance]
+        known.clear()
+        known.update(now)
+        return changes, revision
+
+    async def close(self) -> None:
+        await self._client.close()

@@ -1,0 +1,156 @@
+"""One conformance suite for every registry backend: embedded, and etcd (a real one)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from etcdproc import EtcdProcess
+
+from consulate.control.registry import EmbeddedRegistry, Instance, RegistryBackend, UnknownInstance
+from consulate.control.registry.etcd import EtcdRegistry
+
+_prefixes = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdProcess]:
+    with EtcdProcess(tmp_path_factory.mktemp("etcd"), "127.42.0.1") as running:
+        yield running
+
+
+@pytest.fixture(params=["embedded", "etcd"])
+async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Any]:
+    registry: Any
+    if request.param == "embedded":
+        registry = EmbeddedRegistry(tmp_path / "registry.db")
+        registry.start()
+    else:
+        etcd: EtcdProcess = request.getfixturevalue("etcd")
+        registry = EtcdRegistry([etcd.endpoint], prefix=f"/test{next(_prefixes)}")
+    yield registry
+    await registry.close()
+
+
+def web(n: int, **changes: Any) -> Instance:
+    fields: dict[str, Any] = {"address": f"10.0.0.{n}", "port": 8080, **changes}
+    return Instance(id=f"web-{n}", name="web", **fields)
+
+
+async def test_register_sets_indexes_and_get_returns_them(backend: RegistryBackend) -> None:
+    stored = await backend.register(web(1))
+    assert stored.create_index == stored.modify_index > 0
+    assert await backend.get("web-1") == stored
+    assert backend.index >= stored.modify_index
+    assert await backend.get("nope") is None
+
+
+async def test_same_registration_again_changes_nothing(backend: RegistryBackend) -> None:
+    first = await backend.register(web(1, tags=("a",)))
+    again = await backend.register(web(1, tags=("a",)))
+    assert again == first
+
+
+async def test_changed_registration_keeps_its_age(backend: RegistryBackend) -> None:
+    first = await backend.register(web(1))
+    moved = await backend.register(web(1, port=9090))
+    assert moved.port == 9090
+    assert moved.create_index == first.create_index  # registration age survives
+    assert moved.modify_index > first.modify_index
+
+
+async def test_unknown_ids_are_refused(backend: RegistryBackend) -> None:
+    with pytest.raises(UnknownInstance):
+        await backend.deregister("ghost")
+    with pytest.raises(UnknownInstance):
+        await backend.heartbeat("ghost")
+
+
+async def test_instances_by_service_sorted_by_id(backend: RegistryBackend) -> None:
+    for n in (3, 1, 2):
+        await backend.register(web(n))
+    await backend.register(Instance(id="db-1", name="db", address="10.0.1.1", port=5432))
+    webs, index = await backend.instances("web")
+    assert [i.id for i in webs] == ["web-1", "web-2", "web-3"]
+    assert index >= max(i.modify_index for i in webs)
+    everything, _ = await backend.instances()
+    assert [i.id for i in everything] == ["db-1", "web-1", "web-2", "web-3"]
+    assert (await backend.instances("nothing"))[0] == []
+
+
+async def test_deregister_removes_and_grows_the_index(backend: RegistryBackend) -> None:
+    stored = await backend.register(web(1))
+    index = await backend.deregister("web-1")
+    assert index > stored.modify_index
+    assert await backend.get("web-1") is None
+    assert (await backend.instances("web"))[0] == []
+
+
+async def test_watch_starts_with_a_snapshot_then_streams_changes(backend: RegistryBackend) -> None:
+    await backend.register(web(1))
+    changes = backend.watch()
+    snapshot = await anext(changes)
+    assert (snapshot.kind, [i.id for i in snapshot.instances]) == ("snapshot", ["web-1"])
+    await backend.register(web(2))
+    await backend.deregister("web-1")
+    up = await asyncio.wait_for(anext(changes), 5)
+    down = await asyncio.wait_for(anext(changes), 5)
+    assert (up.kind, up.instances[0].id) == ("up", "web-2")
+    assert (down.kind, down.instances[0].id) == ("down", "web-1")
+    assert snapshot.index < up.index < down.index
+    await changes.aclose()  # type: ignore[attr-defined]
+
+
+async def test_ttl_instance_expires_without_heartbeats(backend: RegistryBackend) -> None:
+    await backend.register(web(1, ttl=2.0))
+    await backend.register(web(2, ttl=2.0))
+    changes = backend.watch()
+    await anext(changes)  # the snapshot
+    for _ in range(3):  # web-2 is kept alive across more than one TTL
+        await asyncio.sleep(0.9)
+        await backend.heartbeat("web-2")
+    down = await asyncio.wait_for(anext(changes), 6)
+    assert (down.kind, down.instances[0].id) == ("down", "web-1")
+    assert await backend.get("web-1") is None
+    assert await backend.get("web-2") is not None
+    await changes.aclose()  # type: ignore[attr-defined]
+
+
+async def test_wait_for_index_wakes_on_a_change_or_times_out(backend: RegistryBackend) -> None:
+    stored = await backend.register(web(1))
+    assert await backend.wait_for_index(stored.modify_index, 0.3) == stored.modify_index
+    waiter = asyncio.ensure_future(backend.wait_for_index(stored.modify_index, 10))
+    await asyncio.sleep(0.1)
+    changed = await backend.register(web(2))
+    assert await asyncio.wait_for(waiter, 5) >= changed.modify_index
+
+
+async def test_concurrent_registrations_lose_nothing(backend: RegistryBackend) -> None:
+    stored = await asyncio.gather(*(backend.register(web(n)) for n in range(50)))
+    assert len({i.modify_index for i in stored}) == 50  # one index per write
+    held, index = await backend.instances("web")
+    assert len(held) == 50
+    assert index >= max(i.modify_index for i in stored)
+
+
+async def test_etcd_watch_resyncs_after_compaction(etcd: EtcdProcess) -> None:
+    registry = EtcdRegistry([etcd.endpoint], prefix=f"/test{next(_prefixes)}")
+    try:
+        first = await registry.register(web(1))
+        await registry.register(web(2))
+        await registry.deregister("web-1")
+        etcd.compact()
+        # A watcher resuming from before the compaction cannot replay: it reads
+        # the set again and emits the difference with what it last knew.
+        changes = registry.watch(first.modify_index)
+        seen = [await asyncio.wait_for(anext(changes), 5)]
+        assert (seen[0].kind, seen[0].instances[0].id) == ("up", "web-2")
+        await changes.aclose()  # type: ignore[attr-defined]
+    finally:
+        with contextlib.suppress(Exception):
+            await registry.close()
