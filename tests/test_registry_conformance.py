@@ -14,6 +14,7 @@ from etcdproc import EtcdProcess
 
 from consulate.control.registry import EmbeddedRegistry, Instance, RegistryBackend, UnknownInstance
 from consulate.control.registry.etcd import EtcdRegistry
+from consulate.control.registry.model import RegistryUnavailable
 
 _prefixes = itertools.count()
 
@@ -154,3 +155,41 @@ async def test_etcd_watch_resyncs_after_compaction(etcd: EtcdProcess) -> None:
     finally:
         with contextlib.suppress(Exception):
             await registry.close()
+
+
+async def test_etcd_watch_survives_a_restart_and_reports_what_vanished(
+    tmp_path: Path,
+) -> None:
+    with EtcdProcess(tmp_path / "etcd", "127.42.0.2") as etcd:
+        registry = EtcdRegistry([etcd.endpoint])
+        other = EtcdRegistry([etcd.endpoint])  # another agent of the cluster
+        try:
+            await registry.register(web(1))
+            await registry.register(web(2))
+            changes = registry.watch()
+            await anext(changes)  # the snapshot
+            etcd.stop()
+            pending = asyncio.ensure_future(anext(changes))  # reconnecting meanwhile
+            await asyncio.sleep(0.5)
+            etcd.start()
+            await other.deregister("web-1")
+            down = await asyncio.wait_for(pending, 15)
+            assert (down.kind, down.instances[0].id) == ("down", "web-1")
+            await other.register(web(3))
+            up = await asyncio.wait_for(anext(changes), 5)
+            assert (up.kind, up.instances[0].id) == ("up", "web-3")
+            assert up.index > down.index
+            await changes.aclose()  # type: ignore[attr-defined]
+        finally:
+            await registry.close()
+            await other.close()
+
+
+async def test_etcd_down_is_a_clear_error(tmp_path: Path) -> None:
+    registry = EtcdRegistry([("127.42.0.3", 2379)])  # nothing listens there
+    try:
+        with pytest.raises(RegistryUnavailable,
+                           match=r"etcd at 127\.42\.0\.3:2379 is not answering"):
+            await registry.register(web(1))
+    finally:
+        await registry.close()

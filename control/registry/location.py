@@ -1,0 +1,63 @@
+"""Where the registry lives, as ``--registry`` names it, and opening it there.
+
+``embedded`` (the default) keeps it in this agent's data directory;
+``etcd://HOST:PORT[,HOST:PORT...][/PREFIX]`` puts it on an etcd v3 cluster, the
+way to share one registry between the agents of many hosts.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
+from consulate.control.registry.embedded import EmbeddedRegistry
+
+if TYPE_CHECKING:
+    from consulate.control.registry.etcd import EtcdRegistry
+
+USAGE = "embedded, or etcd://HOST:PORT[,HOST:PORT...][/PREFIX]"
+
+
+class BadLocation(ValueError):
+    """``--registry`` names no registry this agent can use; the message says why."""
+
+
+@dataclass(frozen=True)
+class RegistryLocation:
+    kind: str  # "embedded" | "etcd"
+    endpoints: tuple[tuple[str, int], ...] = ()
+    prefix: str = ""
+
+
+def parse_location(text: str) -> RegistryLocation:
+    """``--registry``'s value, checked part by part."""
+    if text == "embedded":
+        return RegistryLocation("embedded")
+    parts = urlsplit(text)
+    if parts.scheme != "etcd" or not parts.netloc:
+        raise BadLocation(f"--registry {text!r}: use {USAGE}")
+    endpoints = []
+    for member in parts.netloc.split(","):
+        host, sep, port = member.rpartition(":")
+        if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+            raise BadLocation(f"--registry {text!r}: {member!r} is not HOST:PORT "
+                              "(for example 127.0.0.1:2379)")
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            raise BadLocation(f"--registry {text!r}: {host!r} is not an IPv4 address") from None
+        endpoints.append((host, int(port)))
+    prefix = parts.path.rstrip("/") or "/consulate"
+    return RegistryLocation("etcd", tuple(endpoints), prefix)
+
+
+def open_registry(location: RegistryLocation, data_dir: Path) -> EmbeddedRegistry | EtcdRegistry:
+    """The backend at ``location``; etcd's client is imported only when asked for."""
+    if location.kind == "embedded":
+        return EmbeddedRegistry(data_dir / "registry.db")
+    from consulate.control.registry.etcd import EtcdRegistry
+
+    return EtcdRegistry(location.endpoints, location.prefix)
