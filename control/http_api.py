@@ -1,8 +1,10 @@
 """The agent's HTTP API (aiohttp): the Consul-compatible subset users script against.
 
 Errors are plain text, as Consul sends them: status 400 for a bad request, 404
-for an unknown id, 405 for a wrong method. Blocking queries (``?index=&wait=``)
-work on the catalog reads, so Consul tooling that long-polls works unchanged.
+for an unknown id, 405 for a wrong method, 503 when the registry backend cannot
+be reached (the agent keeps serving; the message names the backend). Blocking
+queries (``?index=&wait=``) work on the catalog reads, so Consul tooling that
+long-polls works unchanged.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from consulate.control.registry import RegistryBackend, UnknownInstance
+from consulate.control.registry.model import RegistryUnavailable
 from consulate.control.service_definition import (
     InvalidDefinition,
     catalog_entry,
@@ -146,8 +150,16 @@ async def status_leader(request: web.Request) -> web.Response:
     return web.json_response(request.app[_CONTEXT].leader)
 
 
+@web.middleware
+async def _registry_unavailable(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except RegistryUnavailable as exc:
+        raise web.HTTPServiceUnavailable(text=str(exc)) from None
+
+
 def build_app(context: ApiContext) -> web.Application:
-    app = web.Application(client_max_size=1024 * 1024)
+    app = web.Application(client_max_size=1024 * 1024, middlewares=[_registry_unavailable])
     app[_CONTEXT] = context
     app.router.add_put("/v1/agent/service/register", register_service)
     app.router.add_put("/v1/agent/service/deregister/{service_id}", deregister_service)
