@@ -10,6 +10,7 @@ long-polls works unchanged.
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Callable
 from typing import Any
 
@@ -100,19 +101,31 @@ async def pass_ttl_check(request: web.Request) -> web.Response:
     return web.Response()
 
 
-async def _block(request: web.Request) -> int:
-    """Wait as a Consul blocking query asks (``?index=N&wait=D``); returns the index."""
-    registry = request.app[_CONTEXT].registry
+def blocking_query(request: web.Request) -> tuple[int, float] | None:
+    """``?index=N&wait=D`` as Consul reads them: (index, seconds), or None without index.
+
+    The wait is capped at 10 minutes and, as Consul does, stretched by a random
+    sixteenth so that many watchers started together do not return together.
+    """
     index_text = request.query.get("index")
     if index_text is None:
-        return registry.index
+        return None
     if not index_text.isdigit():
         raise _bad_request(f"index {index_text!r} must be a non-negative integer")
     try:
         wait = min(parse_duration(request.query.get("wait", f"{int(DEFAULT_WAIT)}s")), MAX_WAIT)
     except InvalidDefinition as exc:
         raise _bad_request(f"wait: {exc}") from None
-    return await registry.wait_for_index(int(index_text), wait)
+    return int(index_text), wait + random.uniform(0, wait / 16)
+
+
+async def _block(request: web.Request) -> int:
+    """Wait as a Consul blocking query asks; returns the index."""
+    registry = request.app[_CONTEXT].registry
+    query = blocking_query(request)
+    if query is None:
+        return registry.index
+    return await registry.wait_for_index(*query)
 
 
 def _json(data: object, index: int) -> web.Response:

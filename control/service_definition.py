@@ -93,11 +93,7 @@ def parse_registration(body: object, *, node: str, default_address: str) -> Inst
     name = fields.get("name")
     if not isinstance(name, str) or not name:
         raise InvalidDefinition("Missing service name: set \"Name\" to the service's name")
-    if not _SERVICE_NAME.match(name):
-        raise InvalidDefinition(
-            f"Name {name!r} cannot be used in DNS: use 1 to 63 letters, digits, '-' or '_', "
-            "starting and ending with a letter or digit"
-        )
+    check_service_name(name)
     port = fields.get("port")
     if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
         raise InvalidDefinition(f"Port {port!r} is invalid: give a number from 1 to 65535")
@@ -105,6 +101,28 @@ def parse_registration(body: object, *, node: str, default_address: str) -> Inst
     if not isinstance(instance_id, str) or "/" in instance_id:
         raise InvalidDefinition(f"ID {instance_id!r} must be a string without '/'")
     address = fields.get("address") or default_address
+    check_ipv4(address, "give the instance's IP (or leave Address out to use the agent's)")
+    tags = fields.get("tags") or []
+    if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+        raise InvalidDefinition(f"Tags must be a list of strings, got {tags!r}")
+    meta = fields.get("meta") or {}
+    check_meta(meta)
+    return Instance(
+        id=instance_id, name=name, address=str(address), port=port, tags=tuple(tags),
+        meta=dict(meta), ttl=_ttl_of(fields), node=node,
+    )
+
+
+def check_service_name(name: str) -> None:
+    """A service name must work as a DNS label: <name>.service.consul."""
+    if not _SERVICE_NAME.match(name):
+        raise InvalidDefinition(
+            f"Name {name!r} cannot be used in DNS: use 1 to 63 letters, digits, '-' or '_', "
+            "starting and ending with a letter or digit"
+        )
+
+
+def check_ipv4(address: object, advice: str) -> None:
     try:
         if not isinstance(address, str):  # IPv4Address() would take an int too
             raise ValueError(address)
@@ -112,20 +130,11 @@ def parse_registration(body: object, *, node: str, default_address: str) -> Inst
     except ValueError:
         raise InvalidDefinition(
             f"Address {address!r} is not an IPv4 address: the mesh routes to IPv4 endpoints, "
-            "give the instance's IP (or leave Address out to use the agent's)"
+            f"{advice}"
         ) from None
-    tags = fields.get("tags") or []
-    if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
-        raise InvalidDefinition(f"Tags must be a list of strings, got {tags!r}")
-    meta = fields.get("meta") or {}
-    _check_meta(meta)
-    return Instance(
-        id=instance_id, name=name, address=str(address), port=port, tags=tuple(tags),
-        meta=dict(meta), ttl=_ttl_of(fields), node=node,
-    )
 
 
-def _check_meta(meta: object) -> None:
+def check_meta(meta: object) -> None:
     if not isinstance(meta, dict):
         raise InvalidDefinition(f"Meta must be an object of string values, got {meta!r}")
     if len(meta) > META_MAX_PAIRS:

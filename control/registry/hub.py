@@ -103,13 +103,14 @@ class WatchHub:
         """
         service = self._service(name)
         queue: asyncio.Queue[ServiceEvent | None] = asyncio.Queue(SUBSCRIBER_QUEUE)
-        for event in ServiceView(name).apply(
-                Change(self.service_index(name), "snapshot", tuple(self._instances.values()))):
-            queue.put_nowait(event)
-        service.queues.add(queue)
+        initial = ServiceView(name).apply(
+            Change(self.service_index(name), "snapshot", tuple(self._instances.values())))
+        service.queues.add(queue)  # in the same step: no change can fall in between
         try:
-            while (event := await queue.get()) is not None:
+            for event in initial:
                 yield event
+            while (live := await queue.get()) is not None:
+                yield live
         finally:
             service.queues.discard(queue)
             self._forget_if_unwatched(name, service)
