@@ -193,3 +193,54 @@ async def test_etcd_down_is_a_clear_error(tmp_path: Path) -> None:
             await registry.register(web(1))
     finally:
         await registry.close()
+
+
+async def test_kv_put_get_list_delete(backend: RegistryBackend) -> None:
+    assert await backend.kv_put("app/config", b"\x00binary\xff", flags=42)
+    entry = await backend.kv_get("app/config")
+    assert entry is not None
+    assert (entry.key, entry.value, entry.flags) == ("app/config", b"\x00binary\xff", 42)
+    assert entry.create_index == entry.modify_index > 0
+    await backend.kv_put("app/db/url", b"pg://")
+    await backend.kv_put("other", b"x")
+    entries, index = await backend.kv_list("app/")
+    assert [e.key for e in entries] == ["app/config", "app/db/url"]
+    assert index >= max(e.modify_index for e in entries)
+    assert await backend.kv_put("app/config", b"v2")
+    updated = await backend.kv_get("app/config")
+    assert updated is not None and updated.create_index == entry.create_index
+    assert updated.modify_index > entry.modify_index
+    assert await backend.kv_delete("app/", recurse=True)
+    assert [e.key for e in (await backend.kv_list(""))[0]] == ["other"]
+    assert await backend.kv_get("app/config") is None
+
+
+async def test_kv_compare_and_set_elects_one_leader(backend: RegistryBackend) -> None:
+    # Ten candidates race to create the key (cas=0: only if absent): one wins.
+    won = await asyncio.gather(*(backend.kv_put("leader", f"n{n}".encode(), cas=0)
+                                 for n in range(10)))
+    assert won.count(True) == 1
+    entry = await backend.kv_get("leader")
+    assert entry is not None and entry.value == f"n{won.index(True)}".encode()
+    assert not await backend.kv_put("leader", b"late", cas=entry.modify_index - 1)
+    assert await backend.kv_put("leader", b"handover", cas=entry.modify_index)
+    assert not await backend.kv_delete("leader", cas=entry.modify_index)  # stale index
+    current = await backend.kv_get("leader")
+    assert current is not None
+    assert await backend.kv_delete("leader", cas=current.modify_index)
+
+
+async def test_a_kv_write_wakes_blocking_queries_and_sends_watchers_nothing(
+    backend: RegistryBackend,
+) -> None:
+    stored = await backend.register(web(1))
+    changes = backend.watch()
+    await anext(changes)  # the snapshot
+    waiter = asyncio.ensure_future(backend.wait_for_index(backend.index, 10))
+    await asyncio.sleep(0.1)
+    await backend.kv_put("k", b"v")
+    assert await asyncio.wait_for(waiter, 5) > stored.modify_index
+    await backend.register(web(2))
+    up = await asyncio.wait_for(anext(changes), 5)  # the next change, no snapshot before it
+    assert (up.kind, up.instances[0].id) == ("up", "web-2")
+    await changes.aclose()  # type: ignore[attr-defined]

@@ -1,11 +1,11 @@
-"""The interface every registry backend implements (embedded now; etcd and consul later)."""
+"""The interface every registry backend implements: instances with TTLs, watches, KV."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from typing import Protocol
 
-from consulate.control.registry.model import Change, Instance
+from consulate.control.registry.model import Change, Instance, KVEntry
 
 
 class RegistryBackend(Protocol):
@@ -44,6 +44,23 @@ class RegistryBackend(Protocol):
 
     def watch(self, since: int = 0) -> AsyncIterator[Change]:
         """Changes after ``since``: a snapshot first unless they can be replayed."""
+        ...
+
+    async def kv_get(self, key: str) -> KVEntry | None: ...
+
+    async def kv_list(self, prefix: str) -> tuple[list[KVEntry], int]:
+        """Entries whose key starts with ``prefix``, by key, and the current index."""
+        ...
+
+    async def kv_put(self, key: str, value: bytes, *, flags: int = 0,
+                     cas: int | None = None) -> bool:
+        """Store ``value``; with ``cas`` only if the key's modify index is ``cas`` (0: only
+        if absent). False when the condition failed: the compare-and-set of leadership."""
+        ...
+
+    async def kv_delete(self, key: str, *, recurse: bool = False,
+                        cas: int | None = None) -> bool:
+        """Delete a key (every key under it with ``recurse``); ``cas`` as for kv_put."""
         ...
 
     async def close(self) -> None: ...

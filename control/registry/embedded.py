@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from consulate.control.registry.model import Change, Instance, UnknownInstance
+from consulate.control.registry.model import Change, Instance, KVEntry, UnknownInstance
 
 log = logging.getLogger("consulate.registry")
 
@@ -38,6 +38,13 @@ CREATE TABLE IF NOT EXISTS instances (
 CREATE TABLE IF NOT EXISTS state (
     key TEXT PRIMARY KEY,
     value INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS kv (
+    key TEXT PRIMARY KEY,
+    value BLOB NOT NULL,
+    flags INTEGER NOT NULL,
+    create_index INTEGER NOT NULL,
+    modify_index INTEGER NOT NULL
 );
 """
 
@@ -88,8 +95,16 @@ class EmbeddedRegistry:
             self._instances[instance_id] = _from_row(body)
             if expires_at is not None:
                 self._set_deadline(instance_id, expires_at)
+        self._kv: dict[str, KVEntry] = {
+            key: KVEntry(key, bytes(value), flags, create_index, modify_index)
+            for key, value, flags, create_index, modify_index in self._db.execute(
+                "SELECT key, value, flags, create_index, modify_index FROM kv")
+        }
         row = self._db.execute("SELECT value FROM state WHERE key = 'index'").fetchone()
         self._index: int = row[0] if row else 0
+        # Every instance change after this index is in the log (KV writes, which
+        # move the index too, are not instance changes).
+        self._log_start = self._index
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -145,6 +160,50 @@ class EmbeddedRegistry:
         if instance.ttl is not None:
             self._renew(instance_id, instance.ttl)
 
+    # -- KV --------------------------------------------------------------------
+
+    async def kv_get(self, key: str) -> KVEntry | None:
+        return self._kv.get(key)
+
+    async def kv_list(self, prefix: str) -> tuple[list[KVEntry], int]:
+        found = sorted((e for k, e in self._kv.items() if k.startswith(prefix)),
+                       key=lambda e: e.key)
+        return found, self._index
+
+    async def kv_put(self, key: str, value: bytes, *, flags: int = 0,
+                     cas: int | None = None) -> bool:
+        old = self._kv.get(key)
+        if cas is not None and (old.modify_index if old else 0) != cas:
+            return False
+        index = self._next_index()
+        entry = KVEntry(key, value, flags, old.create_index if old else index, index)
+        self._db.execute(
+            "INSERT OR REPLACE INTO kv (key, value, flags, create_index, modify_index) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (key, value, flags, entry.create_index, index))
+        self._save_index()
+        self._kv[key] = entry
+        await self._wake()
+        return True
+
+    async def kv_delete(self, key: str, *, recurse: bool = False,
+                        cas: int | None = None) -> bool:
+        if cas is not None:
+            old = self._kv.get(key)
+            if (old.modify_index if old else 0) != cas:
+                return False
+        doomed = [k for k in self._kv if k.startswith(key)] if recurse else (
+            [key] if key in self._kv else [])
+        if not doomed:
+            return True  # deleting nothing succeeds, as in Consul
+        self._next_index()
+        self._db.executemany("DELETE FROM kv WHERE key = ?", [(k,) for k in doomed])
+        self._save_index()
+        for k in doomed:
+            del self._kv[k]
+        await self._wake()
+        return True
+
     # -- reads -----------------------------------------------------------------
 
     async def get(self, instance_id: str) -> Instance | None:
@@ -177,17 +236,16 @@ class EmbeddedRegistry:
         while True:
             async with self._changed:
                 await self._changed.wait_for(functools.partial(self._passed, position))
-                if not self._can_replay(position):
-                    pending: list[Change] = []
-                else:
-                    pending = [c for c in self._log if c.index > position]
-            if not pending:
+                replayable = self._can_replay(position)
+                pending = [c for c in self._log if c.index > position] if replayable else []
+                reached = self._index
+            if not replayable:
                 snapshot, position = await self.instances()
                 yield Change(position, "snapshot", tuple(snapshot))
                 continue
             for change in pending:
-                position = change.index
                 yield change
+            position = reached  # KV writes move the index too: nothing to send for them
 
     # -- internals -------------------------------------------------------------
 
@@ -199,9 +257,7 @@ class EmbeddedRegistry:
             return False
         if since > self._index:  # the consumer saw a registry that was reset
             return False
-        if since == self._index:
-            return True
-        return bool(self._log) and self._log[0].index <= since + 1
+        return since >= self._log_start
 
     def _next_index(self) -> int:
         self._index += 1
@@ -213,7 +269,13 @@ class EmbeddedRegistry:
         )
 
     async def _publish(self, change: Change) -> None:
+        if len(self._log) == self._log.maxlen:
+            self._log_start = self._log[0].index  # changes up to it can no longer be replayed
         self._log.append(change)
+        await self._wake()
+
+    async def _wake(self) -> None:
+        """Wake blocking queries and watches: the index moved."""
         async with self._changed:
             self._changed.notify_all()
 

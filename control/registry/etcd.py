@@ -4,6 +4,7 @@ Layout under the prefix (default ``/consulate``)::
 
     <prefix>/instances/<service>/<id>   the instance, JSON (no indexes)
     <prefix>/ids/<id>                   its service name, to find it by id
+    <prefix>/kv/<key>                   a KV entry: {"flags": N, "value": base64}
 
 Both keys of an instance are written in one transaction and share its lease, so
 a TTL instance vanishes whole when its heartbeats stop: etcd expires the lease,
@@ -21,6 +22,7 @@ keeps an instance that vanished meanwhile.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import json
@@ -36,6 +38,7 @@ import aetcd.rtypes
 from consulate.control.registry.model import (
     Change,
     Instance,
+    KVEntry,
     RegistryUnavailable,
     UnknownInstance,
 )
@@ -61,6 +64,12 @@ def _decode(value: bytes, create_revision: int, mod_revision: int) -> Instance:
     body = json.loads(value)
     body["tags"] = tuple(body.get("tags", ()))
     return Instance(**body).indexed(create_revision, mod_revision)
+
+
+def _kv_entry(key: str, kv: Any) -> KVEntry:
+    body = json.loads(kv.value)
+    return KVEntry(key, base64.b64decode(body["value"]), int(body["flags"]),
+                   int(kv.create_revision), int(kv.mod_revision))
 
 
 class EtcdRegistry:
@@ -95,6 +104,9 @@ class EtcdRegistry:
 
     def _id_key(self, instance_id: str) -> bytes:
         return f"{self._prefix}/ids/{instance_id}".encode()
+
+    def _kv_key(self, key: str) -> bytes:
+        return f"{self._prefix}/kv/{key}".encode()
 
     # -- calls -------------------------------------------------------------------
 
@@ -179,6 +191,50 @@ class EtcdRegistry:
         if found[1]:
             await self._call("refresh", self._client.refresh_lease(found[1]))
 
+    # -- KV --------------------------------------------------------------------
+
+    async def kv_get(self, key: str) -> KVEntry | None:
+        kv = await self._call("kv get", self._client.get(self._kv_key(key)))
+        return _kv_entry(key, kv) if kv is not None else None
+
+    async def kv_list(self, prefix: str) -> tuple[list[KVEntry], int]:
+        base = len(self._kv_key(""))
+        result = await self._call("kv list", self._client.get_prefix(self._kv_key(prefix)))
+        entries = sorted((_kv_entry(kv.key[base:].decode(), kv) for kv in result),
+                         key=lambda e: e.key)
+        return entries, int(result.header.revision)
+
+    async def kv_put(self, key: str, value: bytes, *, flags: int = 0,
+                     cas: int | None = None) -> bool:
+        body = json.dumps({"flags": flags, "value": base64.b64encode(value).decode()}).encode()
+        txn = self._client.transactions
+        ok, _ = await self._call("kv put", self._client.transaction(
+            compare=self._cas(key, cas), success=[txn.put(self._kv_key(key), body)],
+            failure=[]))
+        await self._current_revision()
+        return bool(ok)
+
+    async def kv_delete(self, key: str, *, recurse: bool = False,
+                        cas: int | None = None) -> bool:
+        if recurse and cas is None:
+            await self._call("kv delete", self._client.delete_prefix(self._kv_key(key)))
+            await self._current_revision()
+            return True
+        txn = self._client.transactions
+        ok, _ = await self._call("kv delete", self._client.transaction(
+            compare=self._cas(key, cas), success=[txn.delete(self._kv_key(key))], failure=[]))
+        await self._current_revision()
+        return bool(ok)
+
+    def _cas(self, key: str, cas: int | None) -> list[Any]:
+        """The transaction's condition: absent for cas=0, modified at ``cas`` otherwise."""
+        txn = self._client.transactions
+        if cas is None:
+            return []
+        if cas == 0:
+            return [txn.version(self._kv_key(key)) == 0]
+        return [txn.mod(self._kv_key(key)) == cas]
+
     # -- reads -----------------------------------------------------------------
 
     async def get(self, instance_id: str) -> Instance | None:
@@ -196,14 +252,21 @@ class EtcdRegistry:
         return self._revision
 
     async def wait_for_index(self, index: int, timeout: float) -> int:
-        """Block until a change after ``index`` or ``timeout``; returns the revision."""
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout):
-                async for change in self.watch(index):
-                    if change.index > index:
+        """Block until anything of this registry (instances or KV) changes after
+        ``index``, or ``timeout``; returns the revision."""
+        if await self._current_revision() > index:
+            return self._revision
+        watch = await self._call("watch", self._client.watch_prefix(
+            f"{self._prefix}/".encode(), start_revision=index + 1))
+        try:
+            with contextlib.suppress(TimeoutError, *_UNAVAILABLE):
+                async with asyncio.timeout(timeout):
+                    async for event in watch:
+                        self._revision = max(self._revision, int(event.kv.mod_revision))
                         break
-        if self._revision <= index:  # nothing seen: make sure the revision is current
-            await self._current_revision()
+        finally:
+            with contextlib.suppress(Exception):
+                await watch.cancel()
         return self._revision
 
     async def _current_revision(self) -> int:

@@ -69,3 +69,14 @@ class Change:
     index: int
     kind: ChangeKind
     instances: tuple[Instance, ...]
+
+
+@dataclass(frozen=True)
+class KVEntry:
+    """One key of the KV store, with Consul's fields (the value is raw bytes)."""
+
+    key: str
+    value: bytes
+    flags: int = 0
+    create_index: int = 0
+    modify_index: int = 0
