@@ -22,7 +22,7 @@ from typing import Any
 
 from aiohttp import web
 
-from consulate.control.http_api import blocking_query
+from consulate.control.blocking import blocking_query
 from consulate.control.registry.backend import RegistryBackend
 from consulate.control.registry.events import ServiceEvent
 from consulate.control.registry.hub import WatchHub

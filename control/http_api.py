@@ -10,24 +10,21 @@ long-polls works unchanged.
 from __future__ import annotations
 
 import json
-import random
 from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from consulate.control import kv_api
+from consulate.control.blocking import blocking_query
 from consulate.control.registry import RegistryBackend, UnknownInstance
 from consulate.control.registry.model import RegistryUnavailable
 from consulate.control.service_definition import (
     InvalidDefinition,
     catalog_entry,
-    parse_duration,
     parse_registration,
 )
-
-MAX_WAIT = 600.0  # Consul caps ?wait at 10 minutes
-DEFAULT_WAIT = 300.0
 
 
 class ApiContext:
@@ -101,24 +98,6 @@ async def pass_ttl_check(request: web.Request) -> web.Response:
     return web.Response()
 
 
-def blocking_query(request: web.Request) -> tuple[int, float] | None:
-    """``?index=N&wait=D`` as Consul reads them: (index, seconds), or None without index.
-
-    The wait is capped at 10 minutes and, as Consul does, stretched by a random
-    sixteenth so that many watchers started together do not return together.
-    """
-    index_text = request.query.get("index")
-    if index_text is None:
-        return None
-    if not index_text.isdigit():
-        raise _bad_request(f"index {index_text!r} must be a non-negative integer")
-    try:
-        wait = min(parse_duration(request.query.get("wait", f"{int(DEFAULT_WAIT)}s")), MAX_WAIT)
-    except InvalidDefinition as exc:
-        raise _bad_request(f"wait: {exc}") from None
-    return int(index_text), wait + random.uniform(0, wait / 16)
-
-
 async def _block(request: web.Request) -> int:
     """Wait as a Consul blocking query asks; returns the index."""
     registry = request.app[_CONTEXT].registry
@@ -181,4 +160,5 @@ def build_app(context: ApiContext) -> web.Application:
     app.router.add_get("/v1/catalog/service/{name}", catalog_service)
     app.router.add_get("/v1/agent/self", agent_self)
     app.router.add_get("/v1/status/leader", status_leader)
+    kv_api.add_routes(app, context.registry)
     return app
