@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import os
 import time
@@ -20,9 +19,12 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from consulate import native
+from consulate.control import discover_api
 from consulate.control.config import AgentConfig, ConfigError
 from consulate.control.http_api import ApiContext, build_app
-from consulate.control.registry import Change, EmbeddedRegistry, Instance
+from consulate.control.registry import Change, Instance
+from consulate.control.registry.hub import WatchHub
+from consulate.control.registry.location import open_registry, parse_location
 from consulate.dns.answer import Responder
 from consulate.dns.server import DnsServer
 from consulate.proxy import iptables, localroute
@@ -40,7 +42,8 @@ VERSION = "0.1.0"
 
 def endpoint_of(instance: Instance) -> Endpoint:
     return Endpoint(service=instance.name, id=instance.id, address=instance.address,
-                    port=instance.port, tags=instance.tags, node=instance.node)
+                    port=instance.port, tags=instance.tags, node=instance.node,
+                    weight=instance.weight)
 
 
 def apply_change(table: RouteTable, change: Change) -> None:
@@ -77,16 +80,14 @@ class Agent:
                 f"--data-dir {str(config.data_dir)!r} is not usable ({exc.strerror}): "
                 "choose a writable directory"
             ) from None
-        self.registry = EmbeddedRegistry(config.data_dir / "registry.db")
+        self.registry = open_registry(parse_location(config.registry), config.data_dir)
+        self.hub = WatchHub(self.registry)
         self.table = RouteTable(VipAllocator(config.vip_cidr, config.data_dir / "vips.json"))
         self.proxy = TransparentProxy(self.table, engine=_relay_engine(config),
                                       mark=config.mark, connect_timeout=config.connect_timeout)
-        self.dns = DnsServer(Responder(self._vip_of, config.domain))
+        dns_config = config.dns_config()
+        self.dns = DnsServer(Responder(self.table, dns_config), dns_config)
         self.ready = False
-
-    def _vip_of(self, name: str) -> ipaddress.IPv4Address | None:
-        service = self.table.service_folded(name)
-        return service.vip if service is not None else None
 
     async def run(self, stop: asyncio.Event) -> None:
         async with contextlib.AsyncExitStack() as stack:
@@ -120,7 +121,11 @@ class Agent:
                                                           cfg.mark))
             stack.callback(iptables.remove_rules)
 
-        runner = web.AppRunner(build_app(self._api_context()), access_log=None)
+        await self.hub.start()
+        stack.push_async_callback(self.hub.close)
+        app = build_app(self._api_context())
+        discover_api.add_routes(app, self.registry, self.hub, cfg.node)
+        runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         stack.push_async_callback(runner.cleanup)
         await web.TCPSite(runner, *cfg.http_addr, reuse_address=True).start()

@@ -19,9 +19,19 @@ from typing import Any
 
 from consulate.control.agent import VERSION, Agent, cleanup
 from consulate.control.client import AgentClient, ApiError
-from consulate.control.config import AgentConfig, ConfigError, parse_hostport, parse_mark
+from consulate.control.config import (
+    AgentConfig,
+    ConfigError,
+    parse_hostport,
+    parse_mark,
+    parse_node_meta,
+    parse_recursor,
+    parse_seconds,
+    parse_service_ttl,
+)
 from consulate.control.lab_cli import add_lab_parser
 from consulate.control.service_definition import InvalidDefinition, parse_duration
+from consulate.dns.config import SoaTimers
 from consulate.proxy.iptables import IptablesError
 from consulate.proxy.localroute import LocalRouteError
 
@@ -35,9 +45,30 @@ class CliError(Exception):
 def _env_flag(parser: argparse.ArgumentParser, flag: str, default: str, help: str,
               **kwargs: Any) -> None:
     """Add ``flag`` whose default comes from CONSULATE_<FLAG> when set."""
-    env = "CONSULATE_" + flag.lstrip("-").upper().replace("-", "_")
+    env = _env_name(flag)
     parser.add_argument(flag, default=os.environ.get(env, default),
                         help=f"{help} (env {env}, default {default})", **kwargs)
+
+
+def _env_name(flag: str) -> str:
+    return "CONSULATE_" + flag.lstrip("-").upper().replace("-", "_")
+
+
+def _env_list_flag(parser: argparse.ArgumentParser, flag: str, metavar: str,
+                   help: str) -> None:
+    """Add a repeatable ``flag``; without it, CONSULATE_<FLAG> gives a comma-separated list.
+
+    The default stays None (argparse would append to a list default in place), and
+    ``_listed`` picks the flags or the variable.
+    """
+    parser.add_argument(flag, action="append", metavar=metavar,
+                        help=f"{help} (repeatable; env {_env_name(flag)}, comma-separated)")
+
+
+def _listed(values: list[str] | None, flag: str) -> list[str]:
+    if values is not None:
+        return values
+    return [part for part in os.environ.get(_env_name(flag), "").split(",") if part]
 
 
 def _env_bool(name: str) -> bool:
@@ -53,11 +84,34 @@ def _add_agent(sub: Any) -> None:
     _env_flag(p, "--node", defaults.node, "this node's name")
     _env_flag(p, "--datacenter", defaults.datacenter, "datacenter name")
     _env_flag(p, "--data-dir", str(defaults.data_dir), "where the registry and VIPs persist")
+    _env_flag(p, "--registry", defaults.registry, "where the registry lives: embedded (in "
+              "--data-dir) or etcd://HOST:PORT[,HOST:PORT...][/PREFIX] (shared by many hosts)")
     _env_flag(p, "--advertise", defaults.advertise, "this host's address for other hosts")
     _env_flag(p, "--http-addr", "127.0.0.1:8500", "HTTP API listen address")
     _env_flag(p, "--dns-addr", "127.0.0.1:8600",
               "DNS listen addresses, comma-separated HOST:PORT")
     _env_flag(p, "--domain", defaults.domain, "DNS domain served")
+    _env_flag(p, "--alt-domain", "", "a second DNS domain served the same way (answers "
+              "use the domain asked)")
+    _env_flag(p, "--dns-a", defaults.dns_a, "what A queries for a service answer: vip (its "
+              "virtual IP, through the proxy) or instances (instance addresses, as Consul)")
+    _env_flag(p, "--udp-max", str(defaults.udp_max), "largest UDP answer in bytes; bigger "
+              "answers are trimmed with TC=1", type=int)
+    _env_list_flag(p, "--recursor", "ADDR[:PORT]",
+                   "upstream resolver for names outside the DNS domains")
+    _env_flag(p, "--recursor-timeout", str(defaults.recursor_timeout),
+              "seconds to wait for each recursor", type=float)
+    _env_list_flag(p, "--service-ttl", "NAME=SECONDS",
+                   "TTL of a service's answers; NAME may be a prefix ending with * or *")
+    _env_flag(p, "--node-ttl", str(defaults.node_ttl), "TTL of node, addr and PTR answers")
+    soa = defaults.soa
+    _env_flag(p, "--dns-soa-refresh", str(soa.refresh), "SOA refresh (seconds)")
+    _env_flag(p, "--dns-soa-retry", str(soa.retry), "SOA retry (seconds)")
+    _env_flag(p, "--dns-soa-expire", str(soa.expire), "SOA expire (seconds)")
+    _env_flag(p, "--dns-soa-min-ttl", str(soa.min_ttl), "negative-caching TTL: the SOA "
+              "minimum and the TTL of NXDOMAIN/NODATA answers (RFC 2308)")
+    _env_list_flag(p, "--node-meta", "KEY=VALUE",
+                   "this node's metadata, served as DNS TXT records of <node>.node")
     _env_flag(p, "--proxy-addr", "0.0.0.0:10000", "transparent proxy listen address")
     _env_flag(p, "--vip-cidr", defaults.vip_cidr, "range service VIPs come from")
     _env_flag(p, "--mark", hex(defaults.mark), "netfilter mark of the proxy's own connections")
@@ -81,7 +135,18 @@ def _agent_config(args: argparse.Namespace) -> AgentConfig:
         dns_addrs=[parse_hostport("--dns-addr", a) for a in args.dns_addr.split(",") if a],
         domain=args.domain, proxy_addr=parse_hostport("--proxy-addr", args.proxy_addr),
         vip_cidr=args.vip_cidr, mark=parse_mark(args.mark), iptables=not args.no_iptables,
-        connect_timeout=args.connect_timeout, relay=args.relay,
+        connect_timeout=args.connect_timeout, relay=args.relay, registry=args.registry,
+        alt_domain=args.alt_domain, dns_a=args.dns_a, udp_max=args.udp_max,
+        recursors=[parse_recursor(r) for r in _listed(args.recursor, "--recursor")],
+        recursor_timeout=args.recursor_timeout,
+        service_ttls=dict(parse_service_ttl(s) for s in _listed(args.service_ttl,
+                                                                "--service-ttl")),
+        node_ttl=parse_seconds("--node-ttl", args.node_ttl),
+        soa=SoaTimers(refresh=parse_seconds("--dns-soa-refresh", args.dns_soa_refresh),
+                      retry=parse_seconds("--dns-soa-retry", args.dns_soa_retry),
+                      expire=parse_seconds("--dns-soa-expire", args.dns_soa_expire),
+                      min_ttl=parse_seconds("--dns-soa-min-ttl", args.dns_soa_min_ttl)),
+        node_meta=dict(parse_node_meta(m) for m in _listed(args.node_meta, "--node-meta")),
     )
 
 
@@ -125,6 +190,8 @@ def _add_client_commands(sub: Any) -> None:
                    help="a metadata pair (repeatable)")
     p.add_argument("--ttl", help="liveness TTL such as 10s: the instance expires unless "
                    "renewed with PUT /v1/agent/check/pass/service:<id>")
+    p.add_argument("--weight", type=int, help="the instance's share of the load (DNS SRV "
+                   "weight, Consul's Weights.Passing; default 1)")
     p = client_parser("deregister", "remove a service instance", _cmd_deregister)
     p.add_argument("id", help="instance id")
     client_parser("services", "list services with their instances", _cmd_services)
@@ -144,6 +211,8 @@ def _cmd_register(args: argparse.Namespace) -> int:
                             "Tags": args.tag, "Meta": meta}
     if args.id:
         body["ID"] = args.id
+    if args.weight is not None:
+        body["Weights"] = {"Passing": args.weight}
     if args.ttl:
         try:
             parse_duration(args.ttl)

@@ -3,15 +3,27 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from consulate.control.registry.location import BadLocation, parse_location
+from consulate.control.service_definition import InvalidDefinition, parse_duration
+from consulate.dns.config import A_MODES, DEFAULT_UDP_MAX, DnsConfig, SoaTimers, TtlPolicy
+from consulate.dns.wire import MIN_UDP
 
 DEFAULT_VIP_CIDR = "240.0.0.0/4"  # Consul's virtual-IP range, never routed on the internet
 DEFAULT_MARK = 0xC0A  # marks the proxy's upstream sockets so iptables never redirects them
 
 
 RELAYS = ("auto", "native", "python")
+MAX_UDP_LIMIT = 4096  # RFC 6891 6.2.5's suggested ceiling; above it fragmentation is certain
+MAX_TTL = 2**31 - 1  # RFC 2181 8: TTLs are unsigned 31-bit
+_DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9_-]{0,61}[a-z0-9])?$")
+_TTL_PATTERN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9_-]*\*?|\*)$")
+_META_KEY = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+TXT_STRING_MAX = 255  # RFC 1035 3.3: one TXT character-string
 
 
 class ConfigError(ValueError):
@@ -41,6 +53,68 @@ def parse_mark(text: str) -> int:
     return value
 
 
+def parse_recursor(text: str) -> tuple[str, int]:
+    """``--recursor ADDR[:PORT]``: an upstream resolver, port 53 unless given."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep:
+        host, port_text = text, "53"
+    try:
+        ipaddress.IPv4Address(host)
+        port = int(port_text) if port_text.isdigit() else 0
+    except ValueError:
+        port = 0
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"--recursor {text!r} is not ADDR[:PORT] with an IPv4 address "
+                          "(for example 127.0.0.53 or 10.0.0.2:5353)")
+    return host, port
+
+
+def parse_seconds(flag: str, text: str) -> int:
+    """Whole seconds, as a number (``30``) or a Go duration (``30s``, ``1m``)."""
+    if text.isdigit():
+        return int(text)
+    try:
+        seconds = parse_duration(text)
+    except InvalidDefinition:
+        seconds = -1.0
+    if seconds < 0 or seconds != int(seconds):
+        raise ConfigError(f"{flag} {text!r} is not a number of whole seconds "
+                          "(for example 30 or 30s)")
+    return int(seconds)
+
+
+def parse_service_ttl(text: str) -> tuple[str, int]:
+    """``--service-ttl NAME=SECONDS``: NAME is a service, a ``prefix*`` or ``*``."""
+    pattern, sep, value = text.partition("=")
+    if not sep or not _TTL_PATTERN.match(pattern):
+        raise ConfigError(f"--service-ttl {text!r} is not NAME=SECONDS, where NAME is a "
+                          "service name, a prefix ending with '*', or '*' (for example "
+                          "web=30 or api-*=5s)")
+    return pattern, parse_seconds(f"--service-ttl {pattern}", value)
+
+
+def parse_node_meta(text: str) -> tuple[str, str]:
+    """``--node-meta KEY=VALUE``: one pair of this node's metadata (DNS TXT records)."""
+    key, sep, value = text.partition("=")
+    if not sep or not _META_KEY.match(key):
+        raise ConfigError(f"--node-meta {text!r} is not KEY=VALUE with a key of up to 128 "
+                          "letters, digits, '-' or '_'")
+    if len(text.encode()) > TXT_STRING_MAX:
+        raise ConfigError(f"--node-meta {key}=...: the pair is {len(text.encode())} bytes; "
+                          f"a DNS TXT string holds at most {TXT_STRING_MAX}")
+    return key, value
+
+
+def _check_domain(flag: str, domain: str) -> str:
+    """``domain`` lower-cased and ending with a dot, if it is a usable DNS name."""
+    name = domain.lower().rstrip(".")
+    labels = name.split(".")
+    if not name or len(name) > 240 or not all(_DNS_LABEL.match(label) for label in labels):
+        raise ConfigError(f"{flag} {domain!r} is not a DNS domain: use labels of letters, "
+                          "digits, '-' or '_' separated by dots (for example consul.)")
+    return name + "."
+
+
 @dataclass
 class AgentConfig:
     """Everything ``consulate agent`` needs; defaults follow Consul and Ambassadord."""
@@ -58,6 +132,16 @@ class AgentConfig:
     iptables: bool = True
     connect_timeout: float = 2.0
     relay: str = "auto"  # native when the extension is built and usable, else python
+    registry: str = "embedded"  # or etcd://HOST:PORT[,HOST:PORT...][/PREFIX]
+    alt_domain: str = ""
+    dns_a: str = "vip"
+    udp_max: int = DEFAULT_UDP_MAX
+    recursors: list[tuple[str, int]] = field(default_factory=list)
+    recursor_timeout: float = 2.0
+    service_ttls: dict[str, int] = field(default_factory=dict)
+    node_ttl: int = 0
+    soa: SoaTimers = field(default_factory=SoaTimers)
+    node_meta: dict[str, str] = field(default_factory=dict)
 
     def validate(self) -> None:
         try:
@@ -70,9 +154,48 @@ class AgentConfig:
             ipaddress.IPv4Address(self.advertise)
         except ValueError:
             raise ConfigError(f"--advertise {self.advertise!r} is not an IPv4 address") from None
-        if not self.domain.endswith("."):
-            self.domain += "."
+        self._validate_dns()
+        try:
+            parse_location(self.registry)
+        except BadLocation as exc:
+            raise ConfigError(str(exc)) from None
         if self.relay not in RELAYS:
             raise ConfigError(f"--relay {self.relay!r} is unknown: use one of {', '.join(RELAYS)}")
         if self.connect_timeout <= 0:
             raise ConfigError(f"--connect-timeout {self.connect_timeout} must be above 0")
+
+    def _validate_dns(self) -> None:
+        self.domain = _check_domain("--domain", self.domain)
+        if self.alt_domain:
+            self.alt_domain = _check_domain("--alt-domain", self.alt_domain)
+            if self.alt_domain == self.domain:
+                raise ConfigError(f"--alt-domain {self.alt_domain!r} is the same as --domain: "
+                                  "give another domain or leave it out")
+        if not _DNS_LABEL.match(self.datacenter):
+            raise ConfigError(f"--datacenter {self.datacenter!r} must be one DNS label: "
+                              "lowercase letters, digits, '-' or '_' (for example dc1)")
+        if self.dns_a not in A_MODES:
+            raise ConfigError(f"--dns-a {self.dns_a!r} is unknown: use vip (answer a "
+                              "service's virtual IP) or instances (its instance addresses)")
+        if not MIN_UDP <= self.udp_max <= MAX_UDP_LIMIT:
+            raise ConfigError(f"--udp-max {self.udp_max} must be from {MIN_UDP} to "
+                              f"{MAX_UDP_LIMIT} bytes (default {DEFAULT_UDP_MAX})")
+        if self.recursor_timeout <= 0:
+            raise ConfigError(f"--recursor-timeout {self.recursor_timeout} must be above 0")
+        ttls = [(f"--service-ttl {name}", ttl) for name, ttl in self.service_ttls.items()]
+        ttls += [("--node-ttl", self.node_ttl), ("--dns-soa-refresh", self.soa.refresh),
+                 ("--dns-soa-retry", self.soa.retry), ("--dns-soa-expire", self.soa.expire),
+                 ("--dns-soa-min-ttl", self.soa.min_ttl)]
+        for flag, seconds in ttls:
+            if not 0 <= seconds <= MAX_TTL:
+                raise ConfigError(f"{flag} {seconds} must be from 0 to {MAX_TTL} seconds")
+
+    def dns_config(self) -> DnsConfig:
+        """The responder's options (call after ``validate``)."""
+        return DnsConfig(
+            domain=self.domain, alt_domain=self.alt_domain or None,
+            datacenter=self.datacenter, node=self.node, node_address=self.advertise,
+            node_meta=dict(self.node_meta), a_records=self.dns_a, udp_max=self.udp_max,
+            service_ttl=TtlPolicy(self.service_ttls), node_ttl=self.node_ttl, soa=self.soa,
+            recursors=tuple(self.recursors), recursor_timeout=self.recursor_timeout,
+        )

@@ -26,9 +26,11 @@ _DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m
                    "h": 3600.0}
 
 # Fields Consul accepts that this agent takes without acting on them yet.
-_ACCEPTED_UNUSED = {"enabletagoverride", "weights", "kind", "taggedaddresses", "proxy",
+_ACCEPTED_UNUSED = {"enabletagoverride", "kind", "taggedaddresses", "proxy",
                     "connect", "namespace", "partition", "token", "socketpath", "locality"}
-_KNOWN = {"id", "name", "tags", "address", "port", "meta", "check", "checks"} | _ACCEPTED_UNUSED
+_KNOWN = ({"id", "name", "tags", "address", "port", "meta", "check", "checks", "weights"}
+          | _ACCEPTED_UNUSED)
+WEIGHT_MAX = 65535  # a DNS SRV weight is 16 bits (RFC 2782)
 
 
 class InvalidDefinition(ValueError):
@@ -76,6 +78,33 @@ def _ttl_of(fields: dict[str, Any]) -> float | None:
     return min(ttls) if ttls else None
 
 
+def _weights_of(fields: dict[str, Any]) -> tuple[int, int]:
+    """Consul's ``"Weights": {"Passing": N, "Warning": M}``; each defaults to 1."""
+    weights = fields.get("weights")
+    if weights is None:
+        return 1, 1
+    if not isinstance(weights, dict):
+        raise InvalidDefinition(
+            f"Weights must be an object like {{\"Passing\": 10, \"Warning\": 1}}, "
+            f"got {weights!r}"
+        )
+    unknown = sorted(k for k in weights if k.lower().replace("_", "") not in
+                     ("passing", "warning"))
+    if unknown:
+        raise InvalidDefinition(f"Weights has unknown field(s) {', '.join(unknown)}: "
+                                "only Passing and Warning are known")
+    given = _normalized(weights)
+    chosen = []
+    for label, lowest in (("Passing", 1), ("Warning", 0)):
+        value = given.get(label.lower(), 1)
+        if isinstance(value, bool) or not isinstance(value, int) or not (
+                lowest <= value <= WEIGHT_MAX):
+            raise InvalidDefinition(f"Weights.{label} {value!r} is invalid: give a whole "
+                                    f"number from {lowest} to {WEIGHT_MAX}")
+        chosen.append(value)
+    return chosen[0], chosen[1]
+
+
 def parse_registration(body: object, *, node: str, default_address: str) -> Instance:
     """The instance a ``PUT /v1/agent/service/register`` body describes."""
     if not isinstance(body, dict):
@@ -88,7 +117,7 @@ def parse_registration(body: object, *, node: str, default_address: str) -> Inst
     if unknown:
         raise InvalidDefinition(
             f"Request decode failed: unknown field(s) {', '.join(unknown)}; "
-            "known fields are ID, Name, Tags, Address, Port, Meta, Check, Checks"
+            "known fields are ID, Name, Tags, Address, Port, Meta, Weights, Check, Checks"
         )
     name = fields.get("name")
     if not isinstance(name, str) or not name:
@@ -107,9 +136,11 @@ def parse_registration(body: object, *, node: str, default_address: str) -> Inst
         raise InvalidDefinition(f"Tags must be a list of strings, got {tags!r}")
     meta = fields.get("meta") or {}
     check_meta(meta)
+    weight, warning_weight = _weights_of(fields)
     return Instance(
         id=instance_id, name=name, address=str(address), port=port, tags=tuple(tags),
-        meta=dict(meta), ttl=_ttl_of(fields), node=node,
+        meta=dict(meta), ttl=_ttl_of(fields), node=node, weight=weight,
+        warning_weight=warning_weight,
     )
 
 
@@ -167,7 +198,7 @@ def catalog_entry(
         "ServiceName": instance.name,
         "ServiceTags": list(instance.tags),
         "ServiceAddress": instance.address,
-        "ServiceWeights": {"Passing": 1, "Warning": 1},
+        "ServiceWeights": {"Passing": instance.weight, "Warning": instance.warning_weight},
         "ServiceMeta": dict(instance.meta),
         "ServicePort": instance.port,
         "ServiceEnableTagOverride": False,

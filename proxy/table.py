@@ -21,7 +21,11 @@ log = logging.getLogger("consulate.routes")
 
 @dataclass(frozen=True)
 class Endpoint:
-    """One live instance the proxy may connect to."""
+    """One live instance the proxy may connect to.
+
+    ``weight`` is the registration's passing weight (Consul's ``Weights.Passing``):
+    DNS sends it in SRV records and samples by it when an answer must be trimmed.
+    """
 
     service: str
     id: str
@@ -29,6 +33,7 @@ class Endpoint:
     port: int
     tags: tuple[str, ...] = ()
     node: str = ""
+    weight: int = 1
 
 
 @dataclass

@@ -34,7 +34,7 @@ def consulate(lab: labmod.Lab, *args: str) -> subprocess.CompletedProcess[str]:
 def test_register_list_deregister(cli_lab: tuple[labmod.Lab, LabAgent]) -> None:
     lab, agent = cli_lab
     done = consulate(lab, "register", "web", "10.100.1.11:8080", "--id", "web-1",
-                     "--tag", "v1", "--tag", "blue", "--meta", "version=1.2")
+                     "--tag", "v1", "--tag", "blue", "--meta", "version=1.2", "--weight", "3")
     assert (done.returncode, done.stdout) == (0, "registered web-1 (web at 10.100.1.11:8080)\n")
     assert consulate(lab, "register", "db", "10.100.1.12:5432", "--ttl", "30s").returncode == 0
     listed = consulate(lab, "services")
@@ -45,6 +45,7 @@ def test_register_list_deregister(cli_lab: tuple[labmod.Lab, LabAgent]) -> None:
     ]
     [entry] = agent.api("GET", "/v1/catalog/service/web")
     assert entry["ServiceMeta"] == {"version": "1.2"}
+    assert entry["ServiceWeights"] == {"Passing": 3, "Warning": 1}
     done = consulate(lab, "deregister", "web-1")
     assert (done.returncode, done.stdout) == (0, "deregistered web-1\n")
     assert agent.api("GET", "/v1/catalog/services") == {"db": []}

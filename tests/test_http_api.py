@@ -113,6 +113,17 @@ async def test_catalog_service_has_consuls_fields(api: Api) -> None:
     ]
 
 
+async def test_catalog_shows_registered_weights_as_consul_does(api: Api) -> None:
+    await api.put("/v1/agent/service/register",
+                  {**WEB_1, "Weights": {"Passing": 10, "Warning": 3}})
+    [found], _ = await api.get_json("/v1/catalog/service/web")
+    assert found["ServiceWeights"] == {"Passing": 10, "Warning": 3}
+    status, text = await api.put("/v1/agent/service/register",
+                                 {**WEB_1, "Weights": {"Passing": 0}})
+    assert (status, text) == (400, "Weights.Passing 0 is invalid: give a whole number "
+                                   "from 1 to 65535")
+
+
 async def test_reregistration_shows_in_modify_index(api: Api) -> None:
     await api.put("/v1/agent/service/register", WEB_1)
     await api.put("/v1/agent/service/register", WEB_1)  # identical: no new index
@@ -169,7 +180,7 @@ async def test_deregister(api: Api) -> None:
          "Port '80' is invalid: give a number from 1 to 65535"),
         (b'{"Name": "web", "Port": 80, "Colour": "red"}',
          "Request decode failed: unknown field(s) Colour; "
-         "known fields are ID, Name, Tags, Address, Port, Meta, Check, Checks"),
+         "known fields are ID, Name, Tags, Address, Port, Meta, Weights, Check, Checks"),
         (b"", 'Request body must be a JSON object like {"Name": "web", "Port": 80}, '
               "got NoneType"),
         (b"[]", 'Request body must be a JSON object like {"Name": "web", "Port": 80}, '

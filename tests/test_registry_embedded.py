@@ -192,6 +192,27 @@ async def test_reopen_gives_the_same_instances_and_index(db_path: Path) -> None:
         await reopened.close()
 
 
+async def test_weights_persist_and_rows_from_before_weights_still_open(db_path: Path) -> None:
+    reg = EmbeddedRegistry(db_path)
+    reg.start()
+    await reg.register(web("web-1", weight=5, warning_weight=0))
+    await reg.close()
+    # A row as versions before weights wrote it: no weight fields in the JSON body.
+    old_body = ('{"address": "10.0.0.5", "create_index": 9, "id": "old-1", "meta": {}, '
+                '"modify_index": 9, "name": "web", "node": "n1", "port": 80, "tags": [], '
+                '"ttl": null}')
+    with contextlib.closing(sqlite3.connect(str(db_path))) as db:
+        db.execute("INSERT INTO instances (id, body, expires_at) VALUES ('old-1', ?, NULL)",
+                   (old_body,))
+        db.commit()
+    reopened = EmbeddedRegistry(db_path)
+    try:
+        found = {i.id: (i.weight, i.warning_weight) for i in (await reopened.instances())[0]}
+        assert found == {"web-1": (5, 0), "old-1": (1, 1)}
+    finally:
+        await reopened.close()
+
+
 async def test_reopen_of_a_live_ttl_instance_keeps_it(db_path: Path) -> None:
     """An instance with a TTL that has not run out survives a restart."""
     reg = EmbeddedRegistry(db_path)

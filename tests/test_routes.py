@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from consulate.control.agent import apply_change
+from consulate.control.registry import Change, Instance
 from consulate.proxy.balance import RoundRobin
 from consulate.proxy.table import Endpoint, RouteTable
 from consulate.proxy.vip import VipAllocator, VipRangeExhausted
@@ -97,3 +99,13 @@ def test_table_snapshot_replaces_everything_and_moves_ids_between_services() -> 
     }
     table.remove("x")  # gone with the snapshot: nothing to do
     assert table.version == 4
+
+
+def test_the_agent_carries_registered_weights_into_the_table() -> None:
+    table = RouteTable(VipAllocator("240.0.0.0/4"))
+    instance = Instance(id="web-1", name="web", address="10.0.0.1", port=80, tags=("v1",),
+                        node="h1", weight=7)
+    apply_change(table, Change(1, "snapshot", (instance,)))
+    service = table.service("web")
+    assert service is not None
+    assert service.endpoints == (Endpoint("web", "web-1", "10.0.0.1", 80, ("v1",), "h1", 7),)

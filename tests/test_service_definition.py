@@ -140,7 +140,7 @@ def test_port_zero_message() -> None:
 def test_unknown_field_message_lists_them() -> None:
     assert rejection({"Name": "web", "Port": 80, "Colour": "red", "Bogus": 1}) == (
         "Request decode failed: unknown field(s) Bogus, Colour; "
-        "known fields are ID, Name, Tags, Address, Port, Meta, Check, Checks"
+        "known fields are ID, Name, Tags, Address, Port, Meta, Weights, Check, Checks"
     )
 
 
@@ -270,6 +270,34 @@ def test_checks_must_be_a_list_of_objects() -> None:
     )
 
 
+# -- weights ----------------------------------------------------------------------
+
+
+def test_weights_are_consuls_passing_and_warning() -> None:
+    instance = parse({"Name": "web", "Port": 80, "Weights": {"Passing": 10, "Warning": 0}})
+    assert (instance.weight, instance.warning_weight) == (10, 0)
+    instance = parse({"name": "web", "port": 80, "weights": {"passing": 65535}})
+    assert (instance.weight, instance.warning_weight) == (65535, 1)
+    assert (parse({"Name": "web", "Port": 80}).weight, parse(
+        {"Name": "web", "Port": 80, "Weights": None}).weight) == (1, 1)
+
+
+@pytest.mark.parametrize(("weights", "message"), [
+    ([3], 'Weights must be an object like {"Passing": 10, "Warning": 1}, got [3]'),
+    ({"Passing": 0}, "Weights.Passing 0 is invalid: give a whole number from 1 to 65535"),
+    ({"Passing": 65536}, "Weights.Passing 65536 is invalid: give a whole number from 1 to "
+     "65535"),
+    ({"Passing": "5"}, "Weights.Passing '5' is invalid: give a whole number from 1 to 65535"),
+    ({"Passing": True}, "Weights.Passing True is invalid: give a whole number from 1 to 65535"),
+    ({"Passing": 2.5}, "Weights.Passing 2.5 is invalid: give a whole number from 1 to 65535"),
+    ({"Warning": -1}, "Weights.Warning -1 is invalid: give a whole number from 0 to 65535"),
+    ({"Passing": 1, "Critical": 0}, "Weights has unknown field(s) Critical: only Passing and "
+     "Warning are known"),
+])
+def test_bad_weights(weights: object, message: str) -> None:
+    assert rejection({"Name": "web", "Port": 80, "Weights": weights}) == message
+
+
 # -- catalog_entry ----------------------------------------------------------------
 
 
@@ -297,6 +325,13 @@ def test_catalog_entry_has_consuls_fields() -> None:
         "CreateIndex": 3,
         "ModifyIndex": 7,
     }
+
+
+def test_catalog_entry_shows_the_registered_weights() -> None:
+    instance = Instance(id="a", name="a", address="10.0.0.1", port=1, weight=7,
+                        warning_weight=2)
+    entry = catalog_entry(instance, node_address="192.0.2.10", datacenter="dc1")
+    assert entry["ServiceWeights"] == {"Passing": 7, "Warning": 2}
 
 
 def test_catalog_entry_copies_meta() -> None:

@@ -15,6 +15,10 @@ class RegistryBackend(Protocol):
     are shared by all services, as Consul's raft index and etcd's revision are.
     """
 
+    def start(self) -> None:
+        """Start background work (the embedded backend's TTL reaper); call in a loop."""
+        ...
+
     async def register(self, instance: Instance) -> Instance:
         """Store (or replace, by id) an instance; returns it with its indexes set."""
         ...

@@ -60,6 +60,8 @@ def _to_row(instance: Instance) -> str:
             "meta": instance.meta,
             "ttl": instance.ttl,
             "node": instance.node,
+            "weight": instance.weight,
+            "warning_weight": instance.warning_weight,
             "create_index": instance.create_index,
             "modify_index": instance.modify_index,
         },
@@ -68,6 +70,8 @@ def _to_row(instance: Instance) -> str:
 
 
 def _from_row(body: str) -> Instance:
+    """An instance from its JSON row; rows written before a field existed (such as
+    ``weight``) get the field's default, so older databases open unchanged."""
     data = json.loads(body)
     data["tags"] = tuple(data["tags"])
     return Instance(**data)

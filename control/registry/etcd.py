@@ -94,6 +94,9 @@ class EtcdRegistry:
             host = f"ipv4:{others},{host}"
         return aetcd.Client(host=host, port=port, timeout=REQUEST_TIMEOUT)
 
+    def start(self) -> None:
+        """Nothing to run here: etcd expires the leases of silent instances itself."""
+
     # -- keys ------------------------------------------------------------------
 
     def _instances_prefix(self, name: str | None = None) -> bytes:

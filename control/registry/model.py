@@ -31,7 +31,10 @@ class Instance:
 
     ``ttl`` is liveness in seconds (Discoverd's meaning): without a heartbeat
     within ``ttl`` the registry removes the instance. ``None`` means it stays
-    until deregistered. Indexes are set by the registry, never by callers.
+    until deregistered. ``weight`` and ``warning_weight`` are Consul's
+    ``Weights.Passing`` and ``Weights.Warning``: the instance's share of the load
+    while its checks pass (the SRV weight) or warn. Indexes are set by the
+    registry, never by callers.
     """
 
     id: str
@@ -42,6 +45,8 @@ class Instance:
     meta: dict[str, str] = field(default_factory=dict)
     ttl: float | None = None
     node: str = ""
+    weight: int = 1
+    warning_weight: int = 1
     create_index: int = 0
     modify_index: int = 0
 

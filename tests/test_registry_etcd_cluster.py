@@ -1,0 +1,87 @@
+"""Three hosts, one etcd member and one agent on each, sharing the registry.
+
+The agents name all three members; when one member stops, the registry keeps
+serving reads and writes through the others and every agent keeps up.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+from etcdproc import EtcdProcess
+
+from consulate.control import lab as labmod
+from consulate.control.labagent import LabAgent
+
+pytestmark = pytest.mark.lab
+
+HOSTS = (1, 2, 3)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory
+            ) -> Iterator[tuple[labmod.Lab, dict[int, EtcdProcess], dict[int, LabAgent]]]:
+    work = tmp_path_factory.mktemp("etcd-cluster")
+    with labmod.up(hosts=3, containers=1) as lab:
+        initial = ",".join(f"h{i}=http://{lab.host_ip(i)}:2380" for i in HOSTS)
+        members = {i: EtcdProcess(work / f"etcd-h{i}", lab.host_ip(i), f"h{i}",
+                                  prefix=["ip", "netns", "exec", lab.host_ns(i)],
+                                  cluster=initial).launch() for i in HOSTS}
+        agents: dict[int, LabAgent] = {}
+        try:
+            for member in members.values():
+                member.wait_healthy()
+            registry = "etcd://" + ",".join(f"{lab.host_ip(i)}:2379" for i in HOSTS)
+            for i in HOSTS:
+                agents[i] = LabAgent(lab, i, work / f"agent-h{i}", work / f"agent-h{i}.log",
+                                     extra_args=["--registry", registry]).start()
+            yield lab, members, agents
+        finally:
+            for agent in agents.values():
+                agent.stop()
+            for member in members.values():
+                member.stop()
+
+
+def _until(check: Callable[[], bool], timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "not reached in time"
+        time.sleep(0.05)
+
+
+def _ids(agent: LabAgent, service: str) -> list[str]:
+    return [e["ServiceID"] for e in agent.api("GET", f"/v1/catalog/service/{service}")]
+
+
+def test_a_registration_on_one_host_is_seen_by_every_agent(
+    cluster: tuple[labmod.Lab, dict[int, EtcdProcess], dict[int, LabAgent]],
+) -> None:
+    lab, _, agents = cluster
+    agents[1].register("web", "web-1", lab.container_ip(1, 1), 80)
+    for i in HOSTS:
+        _until(lambda i=i: _ids(agents[i], "web") == ["web-1"])  # type: ignore[misc]
+    # Each agent's route table follows: the service has a VIP everywhere.
+    for i in HOSTS:
+        _until(lambda i=i: "web" in agents[i].api(  # type: ignore[misc]
+            "GET", "/v1/agent/self")["Stats"]["routes"]["services"])
+    agents[3].api("PUT", "/v1/agent/service/deregister/web-1")
+    for i in HOSTS:
+        _until(lambda i=i: _ids(agents[i], "web") == [])  # type: ignore[misc]
+
+
+def test_one_member_down_the_registry_keeps_serving(
+    cluster: tuple[labmod.Lab, dict[int, EtcdProcess], dict[int, LabAgent]],
+) -> None:
+    lab, members, agents = cluster
+    members[1].stop()  # the member every agent dialled first
+    try:
+        agents[2].register("api", "api-1", lab.container_ip(2, 1), 8080)
+        for i in HOSTS:
+            _until(lambda i=i: _ids(agents[i], "api") == ["api-1"], 20)  # type: ignore[misc]
+        agents[1].api("PUT", "/v1/kv/config/mode", "active")
+        assert agents[3].api("GET", "/v1/kv/config/mode?raw") == "active"
+    finally:
+        members[1].start()
