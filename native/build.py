@@ -83,6 +83,7 @@ void consulate_udp_batch_free(consulate_udp_batch *b);
 int consulate_udp_recv(consulate_udp_batch *b);
 int consulate_udp_send(consulate_udp_batch *b, const char *data, const uint32_t *offsets,
                        const uint32_t *lens, const int *slots, int count);
+int consulate_udp_peer(consulate_udp_batch *b, int slot, uint32_t *addr, uint16_t *port);
 """
 
 ffibuilder = FFI()

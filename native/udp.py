@@ -67,6 +67,14 @@ class UdpBatch:
             raise OSError(-sent, f"sendmmsg: {os.strerror(-sent)} (a slot outside the batch)")
         return int(sent)
 
+    def peer(self, slot: int) -> tuple[str, int]:
+        """Who sent datagram ``slot`` (for a reply that cannot wait for ``send``)."""
+        addr, port = _ffi.new("uint32_t *"), _ffi.new("uint16_t *")
+        rc = _lib.consulate_udp_peer(self._open(), slot, addr, port)
+        if rc != 0:
+            raise OSError(-rc, f"no IPv4 sender for slot {slot}: {os.strerror(-rc)}")
+        return socket.inet_ntoa(int(addr[0]).to_bytes(4, "big")), int(port[0])
+
     def _open(self) -> object:
         if self._handle is None:
             raise OSError(errno.EBADF, "the UDP batch is closed")

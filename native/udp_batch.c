@@ -12,6 +12,8 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
 
 typedef struct consulate_udp_batch {
     int fd;
@@ -137,4 +139,20 @@ static int consulate_udp_send(consulate_udp_batch *b, const char *data, const ui
         done++;
     }
     return sent;
+}
+
+/* The IPv4 address and port (host order) of datagram `slot` of the last receive:
+ * for the rare reply that cannot go in the batch (a forwarded query). 0 or
+ * -errno (EINVAL: no such slot, EAFNOSUPPORT: not IPv4). */
+static int consulate_udp_peer(consulate_udp_batch *b, int slot, uint32_t *addr, uint16_t *port)
+{
+    const struct sockaddr_in *sin;
+    if (slot < 0 || slot >= b->slots)
+        return -EINVAL;
+    sin = (const struct sockaddr_in *)&b->addrs[slot];
+    if (sin->sin_family != AF_INET)
+        return -EAFNOSUPPORT;
+    *addr = ntohl(sin->sin_addr.s_addr);
+    *port = ntohs(sin->sin_port);
+    return 0;
 }

@@ -20,9 +20,11 @@ from dnslib import EDNS0, QTYPE, RCODE, RR, A, DNSRecord
 
 from consulate.control.agent import apply_change
 from consulate.control.registry import EmbeddedRegistry, Instance
+from consulate.dns import server as dns_server
 from consulate.dns.answer import Responder
 from consulate.dns.config import DnsConfig
 from consulate.dns.server import DnsServer
+from consulate.native import Capabilities
 from consulate.proxy.table import Endpoint, RouteTable
 from consulate.proxy.vip import VipAllocator
 
@@ -153,6 +155,27 @@ async def serve(config: DnsConfig) -> tuple[DnsServer, tuple[str, int]]:
     port = free_port(HOST)
     await server.listen(HOST, port)
     return server, (HOST, port)
+
+
+@pytest.fixture(autouse=True, params=["batched", "datagram"])
+def udp_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test here runs on both UDP paths: recvmmsg/sendmmsg batches (the native
+    module) and the one-datagram-per-callback protocol (without it)."""
+    if request.param == "datagram":
+        monkeypatch.setattr(dns_server.native, "capabilities",
+                            lambda: Capabilities(extension=False, splice=False))
+    return str(request.param)
+
+
+async def test_the_udp_path_is_the_one_asked_for(udp_path: str) -> None:
+    server, address = await serve(DnsConfig())
+    try:
+        assert server.batched == (udp_path == "batched")
+        reply = DNSRecord.parse(await udp_exchange(address, bytes(question(
+            "web.service.consul").pack())))
+        assert reply.header.rcode == RCODE.NOERROR and reply.rr
+    finally:
+        server.close()
 
 
 @pytest.fixture

@@ -38,6 +38,8 @@ def test_each_reply_goes_to_the_sender_of_its_query(server: socket.socket) -> No
         client.sendto(payloads[i], server.getsockname())
     received = batch.receive()
     assert sorted(received) == sorted(payloads.values())
+    senders = {batch.peer(slot) for slot in range(len(received))}
+    assert senders == {client.getsockname() for client in clients}
     assert batch.send([(slot, data[::-1]) for slot, data in enumerate(received)]) == 3
     for i, client in enumerate(clients):
         assert client.recv(100) == payloads[i][::-1]  # its own query, reversed
@@ -76,6 +78,8 @@ def test_bad_arguments_are_refused(server: socket.socket) -> None:
     batch = UdpBatch(server, slots=2)
     with pytest.raises(OSError, match="a slot outside the batch"):
         batch.send([(5, b"x")])
+    with pytest.raises(OSError, match="no IPv4 sender for slot 5"):
+        batch.peer(5)
     batch.close()
     with pytest.raises(OSError, match="closed"):
         batch.receive()
