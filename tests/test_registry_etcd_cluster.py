@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
+from conftest import Peers
 from etcdproc import EtcdProcess
 
 from consulate.control import lab as labmod
@@ -52,6 +53,12 @@ def _until(check: Callable[[], bool], timeout: float = 10) -> None:
         time.sleep(0.05)
 
 
+def _endpoints(agent: LabAgent, service: str) -> int:
+    """How many endpoints the agent's route table holds for ``service``."""
+    routes = agent.api("GET", "/v1/agent/self")["Stats"]["routes"]["services"]
+    return int(routes.get(service, {}).get("endpoints", 0))
+
+
 def _ids(agent: LabAgent, service: str) -> list[str]:
     return [e["ServiceID"] for e in agent.api("GET", f"/v1/catalog/service/{service}")]
 
@@ -85,3 +92,20 @@ def test_one_member_down_the_registry_keeps_serving(
         assert agents[3].api("GET", "/v1/kv/config/mode?raw") == "active"
     finally:
         members[1].start()
+
+
+def test_a_container_reaches_instances_on_other_hosts_by_name(
+    cluster: tuple[labmod.Lab, dict[int, EtcdProcess], dict[int, LabAgent]],
+) -> None:
+    lab, _, agents = cluster
+    peers = Peers(lab)
+    try:
+        for i in (2, 3):  # the instances run on h2 and h3, each registered by its agent
+            peers.serve(f"h{i}c1", f"echo-h{i}", 7000)
+            agents[i].register("echo", f"echo-h{i}", lab.container_ip(i, 1), 7000)
+        _until(lambda: _endpoints(agents[1], "echo") == 2)
+        results = peers.connect("h1c1", "echo.service.consul", 7000, count=4, size=10_000)
+        assert [r["ok"] for r in results] == [True] * 4
+        assert {r["id"] for r in results} == {"echo-h2", "echo-h3"}  # both hosts serve
+    finally:
+        peers.stop_all()
