@@ -85,7 +85,8 @@ def _add_agent(sub: Any) -> None:
     _env_flag(p, "--datacenter", defaults.datacenter, "datacenter name")
     _env_flag(p, "--data-dir", str(defaults.data_dir), "where the registry and VIPs persist")
     _env_flag(p, "--registry", defaults.registry, "where the registry lives: embedded (in "
-              "--data-dir) or etcd://HOST:PORT[,HOST:PORT...][/PREFIX] (shared by many hosts)")
+              "--data-dir), etcd://HOST:PORT[,HOST:PORT...][/PREFIX] (shared by many hosts) "
+              "or consul://HOST:PORT (a Consul agent)")
     _env_flag(p, "--advertise", defaults.advertise, "this host's address for other hosts")
     _env_flag(p, "--http-addr", "127.0.0.1:8500", "HTTP API listen address")
     _env_flag(p, "--dns-addr", "127.0.0.1:8600",

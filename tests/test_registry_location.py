@@ -12,14 +12,17 @@ from consulate.control.registry.location import BadLocation, RegistryLocation, p
     ("etcd://127.0.0.1:2379", RegistryLocation("etcd", (("127.0.0.1", 2379),), "/consulate")),
     ("etcd://10.99.0.10:2379,10.99.0.11:2379/mesh/",
      RegistryLocation("etcd", (("10.99.0.10", 2379), ("10.99.0.11", 2379)), "/mesh")),
+    ("consul://127.0.0.1:8500", RegistryLocation("consul", (("127.0.0.1", 8500),))),
 ])
 def test_good_locations(text: str, expected: RegistryLocation) -> None:
     assert parse_location(text) == expected
 
 
 @pytest.mark.parametrize(("text", "message"), [
-    ("zookeeper://127.0.0.1:2181", "use embedded, or etcd://HOST:PORT"),
-    ("etcd://", "use embedded, or etcd://HOST:PORT"),
+    ("zookeeper://127.0.0.1:2181", "use embedded, etcd://HOST:PORT"),
+    ("etcd://", "use embedded, etcd://HOST:PORT"),
+    ("consul://127.0.0.1:8500,127.0.0.2:8500", "a Consul agent is one HOST:PORT"),
+    ("consul://127.0.0.1:8500/x", "a Consul agent is one HOST:PORT"),
     ("etcd://127.0.0.1", "'127.0.0.1' is not HOST:PORT"),
     ("etcd://127.0.0.1:0", "'127.0.0.1:0' is not HOST:PORT"),
     ("etcd://etcd.local:2379", "'etcd.local' is not an IPv4 address"),

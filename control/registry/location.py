@@ -2,7 +2,9 @@
 
 ``embedded`` (the default) keeps it in this agent's data directory;
 ``etcd://HOST:PORT[,HOST:PORT...][/PREFIX]`` puts it on an etcd v3 cluster, the
-way to share one registry between the agents of many hosts.
+way to share one registry between the agents of many hosts;
+``consul://HOST:PORT`` uses a Consul agent's catalog and KV, for sites that run
+Consul already.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ from urllib.parse import urlsplit
 from consulate.control.registry.embedded import EmbeddedRegistry
 
 if TYPE_CHECKING:
+    from consulate.control.registry.consul_agent import ConsulRegistry
     from consulate.control.registry.etcd import EtcdRegistry
 
-USAGE = "embedded, or etcd://HOST:PORT[,HOST:PORT...][/PREFIX]"
+USAGE = "embedded, etcd://HOST:PORT[,HOST:PORT...][/PREFIX] or consul://HOST:PORT"
 
 
 class BadLocation(ValueError):
@@ -27,7 +30,7 @@ class BadLocation(ValueError):
 
 @dataclass(frozen=True)
 class RegistryLocation:
-    kind: str  # "embedded" | "etcd"
+    kind: str  # "embedded" | "etcd" | "consul"
     endpoints: tuple[tuple[str, int], ...] = ()
     prefix: str = ""
 
@@ -37,8 +40,11 @@ def parse_location(text: str) -> RegistryLocation:
     if text == "embedded":
         return RegistryLocation("embedded")
     parts = urlsplit(text)
-    if parts.scheme != "etcd" or not parts.netloc:
+    if parts.scheme not in ("etcd", "consul") or not parts.netloc:
         raise BadLocation(f"--registry {text!r}: use {USAGE}")
+    if parts.scheme == "consul" and ("," in parts.netloc or parts.path.strip("/")):
+        raise BadLocation(f"--registry {text!r}: a Consul agent is one HOST:PORT, "
+                          "with no path (for example consul://127.0.0.1:8500)")
     endpoints = []
     for member in parts.netloc.split(","):
         host, sep, port = member.rpartition(":")
@@ -50,14 +56,21 @@ def parse_location(text: str) -> RegistryLocation:
         except ValueError:
             raise BadLocation(f"--registry {text!r}: {host!r} is not an IPv4 address") from None
         endpoints.append((host, int(port)))
+    if parts.scheme == "consul":
+        return RegistryLocation("consul", tuple(endpoints))
     prefix = parts.path.rstrip("/") or "/consulate"
     return RegistryLocation("etcd", tuple(endpoints), prefix)
 
 
-def open_registry(location: RegistryLocation, data_dir: Path) -> EmbeddedRegistry | EtcdRegistry:
-    """The backend at ``location``; etcd's client is imported only when asked for."""
+def open_registry(location: RegistryLocation,
+                  data_dir: Path) -> EmbeddedRegistry | EtcdRegistry | ConsulRegistry:
+    """The backend at ``location``; remote clients are imported only when asked for."""
     if location.kind == "embedded":
         return EmbeddedRegistry(data_dir / "registry.db")
+    if location.kind == "consul":
+        from consulate.control.registry.consul_agent import ConsulRegistry
+
+        return ConsulRegistry(*location.endpoints[0])
     from consulate.control.registry.etcd import EtcdRegistry
 
     return EtcdRegistry(location.endpoints, location.prefix)

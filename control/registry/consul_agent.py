@@ -1,0 +1,208 @@
+"""The consul backend: the registry kept by a Consul agent, through its HTTP API.
+
+For sites that already run Consul: instances are Consul services registered
+through the agent (a Consul TTL check carries the instance's TTL, and a
+heartbeat passes it), reads come from the catalog, KV is Consul's KV with its
+check-and-set, and the index is Consul's X-Consul-Index. The client is
+py-consul's asyncio one.
+
+Consul has no change stream: ``watch`` long-polls the catalog (a blocking query
+on the service list, which moves on every catalog write) and emits the
+difference between successive reads as ``up``/``down`` changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import warnings
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
+
+import aiohttp
+import consul
+import consul.aio
+
+from consulate.control.registry.model import (
+    Change,
+    Instance,
+    KVEntry,
+    RegistryUnavailable,
+    UnknownInstance,
+)
+
+log = logging.getLogger("consulate.registry.consul")
+
+WATCH_WAIT = "30s"  # per blocking query; the loop asks again at once
+RETRY_DELAY = 1.0  # after the agent could not be reached
+
+T = TypeVar("T")
+
+
+def _instance(entry: dict[str, Any]) -> Instance:
+    weights = entry.get("ServiceWeights") or {}
+    return Instance(
+        id=entry["ServiceID"], name=entry["ServiceName"],
+        address=entry.get("ServiceAddress") or entry.get("Address", ""),
+        port=int(entry["ServicePort"]), tags=tuple(entry.get("ServiceTags") or ()),
+        meta=dict(entry.get("ServiceMeta") or {}), node=entry.get("Node", ""),
+        weight=int(weights.get("Passing", 1)), warning_weight=int(weights.get("Warning", 1)),
+        create_index=int(entry.get("CreateIndex", 0)),
+        modify_index=int(entry.get("ModifyIndex", 0)),
+    )
+
+
+class ConsulRegistry:
+    """RegistryBackend on a Consul agent's HTTP API."""
+
+    def __init__(self, host: str, port: int = 8500) -> None:
+        self._where = f"{host}:{port}"
+        with warnings.catch_warnings():
+            # py-consul's asyncio client still hands aiohttp its deprecated
+            # verify_ssl/ssl_context arguments; nothing of TLS is used here.
+            warnings.filterwarnings("ignore", "(verify_ssl|ssl_context) is deprecated",
+                                    DeprecationWarning)
+            self._consul = consul.aio.Consul(host=host, port=port)
+        self._index = 0
+
+    def start(self) -> None:
+        """Nothing to run here: the Consul agent expires TTL checks itself."""
+
+    async def _call(self, what: str, call: Awaitable[T]) -> T:
+        try:
+            return await call
+        except (aiohttp.ClientError, OSError, consul.Timeout) as exc:
+            raise RegistryUnavailable(
+                f"consul agent at {self._where} is not answering ({what}: "
+                f"{exc or type(exc).__name__}): start it, or pass --registry embedded"
+            ) from None
+
+    def _saw(self, index: Any) -> int:
+        if index is not None:
+            self._index = max(self._index, int(index))
+        return self._index
+
+    # -- mutations -------------------------------------------------------------
+
+    async def register(self, instance: Instance) -> Instance:
+        old = await self.get(instance.id)
+        if old is not None and old.same_registration(instance.indexed(0, 0)):
+            return old
+        check = consul.Check.ttl(f"{instance.ttl}s") if instance.ttl is not None else None
+        await self._call("register", self._consul.agent.service.register(
+            instance.name, service_id=instance.id, address=instance.address,
+            port=instance.port, tags=list(instance.tags), meta=dict(instance.meta),
+            weights={"Passing": instance.weight, "Warning": instance.warning_weight},
+            check=check))
+        stored = await self.get(instance.id)
+        if stored is None:
+            raise UnknownInstance(instance.id)
+        return stored
+
+    async def deregister(self, instance_id: str) -> int:
+        if await self.get(instance_id) is None:
+            raise UnknownInstance(instance_id)
+        await self._call("deregister", self._consul.agent.service.deregister(instance_id))
+        return await self._current_index()
+
+    async def heartbeat(self, instance_id: str) -> None:
+        if await self.get(instance_id) is None:
+            raise UnknownInstance(instance_id)
+        with contextlib.suppress(consul.NotFound):  # an instance without a TTL check
+            await self._call("heartbeat",
+                             self._consul.agent.check.ttl_pass(f"service:{instance_id}"))
+
+    # -- reads -----------------------------------------------------------------
+
+    async def get(self, instance_id: str) -> Instance | None:
+        found, _ = await self.instances()
+        return next((i for i in found if i.id == instance_id), None)
+
+    async def instances(self, name: str | None = None) -> tuple[list[Instance], int]:
+        if name is not None:
+            index, entries = await self._call("catalog", self._consul.catalog.service(name))
+            found = [_instance(e) for e in entries]
+        else:
+            index, services = await self._call("catalog", self._consul.catalog.services())
+            found = []
+            for service in sorted(services):
+                _, entries = await self._call("catalog", self._consul.catalog.service(service))
+                found += [_instance(e) for e in entries]
+        found.sort(key=lambda i: i.id)
+        return found, self._saw(index)
+
+    @property
+    def index(self) -> int:
+        return self._index
+
+    async def _current_index(self) -> int:
+        index, _ = await self._call("catalog", self._consul.catalog.services())
+        return self._saw(index)
+
+    async def wait_for_index(self, index: int, timeout: float) -> int:
+        """A blocking query on the catalog (its index moves with every write)."""
+        seconds = max(1, round(timeout))
+        index_now, _ = await self._call("catalog", self._consul.catalog.services(
+            index=index, wait=f"{seconds}s"))
+        return self._saw(index_now)
+
+    async def watch(self, since: int = 0) -> AsyncIterator[Change]:
+        known: dict[str, Instance] = {}
+        position = since
+        if since <= 0:
+            snapshot, position = await self.instances()
+            known = {i.id: i for i in snapshot}
+            yield Change(position, "snapshot", tuple(snapshot))
+        while True:
+            try:
+                index, _ = await self._call("watch", self._consul.catalog.services(
+                    index=position, wait=WATCH_WAIT))
+                if int(index) == position:
+                    continue  # the wait ran out: nothing changed
+                current, position = await self.instances()
+            except RegistryUnavailable as exc:
+                log.warning("event=watch-retry error=%s retry_in=%.1fs", exc, RETRY_DELAY)
+                await asyncio.sleep(RETRY_DELAY)
+                continue
+            now = {i.id: i for i in current}
+            for instance_id in sorted(set(known) - set(now)):
+                yield Change(position, "down", (known[instance_id],))
+            for instance in current:
+                if known.get(instance.id) != instance:
+                    yield Change(position, "up", (instance,))
+            known = now
+
+    # -- KV --------------------------------------------------------------------
+
+    async def kv_get(self, key: str) -> KVEntry | None:
+        index, data = await self._call("kv get", self._consul.kv.get(key))
+        self._saw(index)
+        return _kv_entry(data) if data else None
+
+    async def kv_list(self, prefix: str) -> tuple[list[KVEntry], int]:
+        index, data = await self._call("kv list", self._consul.kv.get(prefix, recurse=True))
+        entries = sorted((_kv_entry(d) for d in data or ()), key=lambda e: e.key)
+        return entries, self._saw(index)
+
+    async def kv_put(self, key: str, value: bytes, *, flags: int = 0,
+                     cas: int | None = None) -> bool:
+        done = await self._call("kv put", self._consul.kv.put(key, value, cas=cas,
+                                                             flags=flags or None))
+        await self._current_index()
+        return bool(done)
+
+    async def kv_delete(self, key: str, *, recurse: bool = False,
+                        cas: int | None = None) -> bool:
+        done = await self._call("kv delete", self._consul.kv.delete(
+            key, recurse=recurse or None, cas=cas))
+        await self._current_index()
+        return bool(done)
+
+    async def close(self) -> None:
+        await self._consul.http.close()
+
+
+def _kv_entry(data: dict[str, Any]) -> KVEntry:
+    return KVEntry(data["Key"], data.get("Value") or b"", int(data.get("Flags", 0)),
+                   int(data.get("CreateIndex", 0)), int(data.get("ModifyIndex", 0)))
