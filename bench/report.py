@@ -26,6 +26,7 @@ class Cell:
 
     samples: list[dict[str, float]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    status: str = ""  # a word or two for the chart when there is no sample ("failed")
 
     def values(self, key: str) -> list[float]:
         return [sample[key] for sample in self.samples if key in sample]
@@ -58,6 +59,9 @@ class Section:
     chart: str
     extras: tuple[Metric, ...] = ()  # median-only columns (CPU use, side effects)
     added: bool = False  # show the first metric's excess over direct (latency)
+    # The peers the first metric's ratios are taken against; empty: direct and the
+    # best HAProxy flavour (the TCP benchmark's references).
+    versus: tuple[str, ...] = ()
 
 
 Results = dict[str, dict[str, Cell]]  # section key -> variant -> repetitions
@@ -86,11 +90,15 @@ def table(section: Section, cells: dict[str, Cell], variants: Sequence[str], rep
     primary = section.metrics[0]
     direct = cells["direct"].median(primary.key) if "direct" in cells else None
     best = _best_haproxy(cells, primary)
+    refs = ([(f"vs {name}", cells[name].median(primary.key) if name in cells else None)
+             for name in section.versus] if section.versus else
+            [("vs direct", direct),
+             (f"vs best HAProxy ({best[0]})" if best else "vs best HAProxy",
+              best[1] if best else None)])
     header = ["variant"]
     for metric in section.metrics:
         header += [f"{metric.label} min ({metric.unit})", "median", "max"]
-    header += [f"{primary.label} vs direct",
-               f"vs best HAProxy ({best[0]})" if best else "vs best HAProxy"]
+    header += [f"{primary.label} {refs[0][0]}", *(label for label, _ in refs[1:])]
     if section.added:
         header.append(f"added {primary.label} over direct ({primary.unit})")
     header += [f"{extra.label} ({extra.unit}, median)" for extra in section.extras]
@@ -110,7 +118,7 @@ def table(section: Section, cells: dict[str, Cell], variants: Sequence[str], rep
             row += [metric.fmt(min(values)), f"**{metric.fmt(statistics.median(values))}**",
                     metric.fmt(max(values))]
         median = cell.median(primary.key)
-        row += [_ratio(median, direct), _ratio(median, best[1] if best else None)]
+        row += [_ratio(median, ref) for _, ref in refs]
         if section.added:
             row.append("—" if median is None or direct is None
                        else f"{median - direct:+,.{primary.decimals}f}")
@@ -123,10 +131,12 @@ def table(section: Section, cells: dict[str, Cell], variants: Sequence[str], rep
 
 
 _COLOURS = {"direct": "#7f7f7f", "consulate": "#1f77b4", "haproxy": "#ff7f0e",
-            "socat": "#2ca02c"}
+            "socat": "#2ca02c", "dnsmasq-a-only": "#ffbb78", "dnsmasq": "#ff7f0e",
+            "unbound": "#2ca02c"}
 
 
-def _colour(variant: str) -> str:
+def colour(variant: str) -> str:
+    """The bar or line colour of a variant, by the peer its name starts with."""
     return next((c for prefix, c in _COLOURS.items() if variant.startswith(prefix)), "#9467bd")
 
 
@@ -144,10 +154,11 @@ def chart(section: Section, cells: dict[str, Cell], variants: Sequence[str], pat
             low.append(mid - min(values) if values else 0.0)
             high.append(max(values) - mid if values else 0.0)
         ax.bar(positions, medians, yerr=[low, high], capsize=4,
-               color=[_colour(name) for name in variants], edgecolor="black", linewidth=0.5)
+               color=[colour(name) for name in variants], edgecolor="black", linewidth=0.5)
         top = max((m + h for m, h in zip(medians, high, strict=True)), default=0.0) or 1.0
         for x, name, mid, up in zip(positions, variants, medians, high, strict=True):
-            text = metric.fmt(mid) if cells[name].values(metric.key) else "failed"
+            text = (metric.fmt(mid) if cells[name].values(metric.key)
+                    else cells[name].status or "failed")
             ax.text(x, mid + up + top * 0.01, text, ha="center", va="bottom", fontsize=8)
         ax.set_ylim(0, top * 1.15)
         ax.set_xticks(list(positions), list(variants), rotation=30, ha="right", fontsize=9)
