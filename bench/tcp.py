@@ -32,7 +32,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file (python bench/tcp.py): make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import loadgen, peers, report
+from bench import loadgen, peers, report, tcp_targets
 from bench.report import Metric, Section
 from bench.signals import run_main
 from consulate.control import lab as labs
@@ -350,8 +350,12 @@ def _write(args: argparse.Namespace, pin: bool, elapsed: float, variants: list[s
                     for name in variants]
     preamble = [("Machine", _machine()), ("Conditions", _conditions(args, pin, elapsed)),
                 ("Variants", variant_rows)]
-    text = report.markdown("TCP benchmark: consulate vs direct, HAProxy, socat", preamble,
-                           sections, results, variants, args.reps)
+    rows, bounds = tcp_targets.targets(results)
+    text = report.markdown("TCP benchmark: consulate vs direct, HAProxy, socat",
+                           [("Targets (issue 3, ratios of medians in this run)", rows),
+                            *preamble], sections, results, variants, args.reps)
+    if bounds:
+        text += "\n## What bounds the missed targets\n\n" + "\n\n".join(bounds) + "\n"
     (out / "tcp.md").write_text(text)
     for section in sections:
         report.chart(section, results[section.key], variants, out / section.chart)

@@ -30,6 +30,7 @@ from typing import cast
 WRITE_HIGH_WATER = 256 * 1024
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 EOF_RETRY_DELAY = 0.002  # seconds between checks that a buffered direction has drained
+EARLY_LIMIT = 64 * 1024  # bytes a client side keeps before its upstream joins, then pauses
 
 
 class RelaySide(asyncio.Protocol):
@@ -51,6 +52,7 @@ class RelaySide(asyncio.Protocol):
         self.on_closed = on_closed
         self._on_made = on_made
         self._early: list[bytes] = []
+        self._early_size = 0
 
     # -- asyncio callbacks -------------------------------------------------------
 
@@ -74,7 +76,7 @@ class RelaySide(asyncio.Protocol):
             transport.close()
         elif peer.read_eof:
             _forward_eof(transport)
-        else:
+        elif peer._early_size > EARLY_LIMIT:
             assert peer.transport is not None
             peer.transport.resume_reading()
 
@@ -82,7 +84,10 @@ class RelaySide(asyncio.Protocol):
         peer = self.peer
         if peer is None or peer.transport is None:
             self._early.append(data)
-            if self.transport is not None:
+            self._early_size += len(data)
+            # A request usually fits: only a client that keeps sending before the
+            # upstream is there gets paused (two epoll changes saved otherwise).
+            if self._early_size > EARLY_LIMIT and self.transport is not None:
                 self.transport.pause_reading()
             return
         if peer.closed:

@@ -14,6 +14,7 @@ the client sends meanwhile waits in the relay, its reading paused).
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
 import os
@@ -73,7 +74,10 @@ class TransparentProxy:
         self._unsubscribe: Callable[[], None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._python = PythonRelay()
-        self._vip_network = table.vip_network
+        vips = table.vip_network
+        # Endpoint addresses repeat: parse each once, not per connection.
+        self._inside_vips = functools.lru_cache(maxsize=4096)(
+            lambda address: ipaddress.IPv4Address(address) in vips)
 
     @property
     def relay_name(self) -> str:
@@ -192,7 +196,7 @@ class TransparentProxy:
         address = (endpoint.address, endpoint.port)
         try:
             async with asyncio.timeout(self._connect_timeout):
-                if self._mark and ipaddress.IPv4Address(endpoint.address) in self._vip_network:
+                if self._mark and self._inside_vips(endpoint.address):
                     # Only a connection to an address inside the VIP range needs the
                     # mark that exempts it from REDIRECT (uvloop cannot set it before
                     # connecting, so this rare case connects its own socket).
