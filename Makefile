@@ -2,7 +2,10 @@
 #   make run    install what is missing, then run the agent in the foreground
 #   make test   install what is missing (plus test tools), lint, run the whole suite
 #   make demo   a self-contained demo in network namespaces
-#   make bench  every benchmark (bench/results/); make bench-tcp: the TCP proxy one only
+#   make bench  every benchmark (bench/results/); make bench-tcp: the TCP proxy one only,
+#               make bench-dns: the DNS responder against dnsmasq and unbound,
+#               make bench-registrator: 100 containers started together -> registered
+#               make bench-watchers: 10,000 long polls / event streams on one agent
 
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -15,9 +18,15 @@ BENCH_ARGS ?=
 # Debian packages the agent, the lab, the tests and the benchmarks use.
 APT_PACKAGES := iptables iproute2 dnsutils busybox-static wget util-linux procps \
 	libnetfilter-queue-dev libffi-dev build-essential python3-dev python3-venv \
-	iperf3 wrk haproxy socat nginx-light etcd-server etcd-client
+	iperf3 wrk haproxy socat nginx-light etcd-server etcd-client docker.io zookeeper
 
-.PHONY: run test demo lint deps clean bench bench-tcp bench-splice
+# Debian packages of the DNS benchmark alone, installed by its own stamp so that
+# `make test` never waits for them. dnsmasq-base has no init script; unbound's
+# package would start a resolver on port 53 of this machine, so the install runs
+# under a policy-rc.d that forbids starting any service (kept if one was there).
+BENCH_DNS_PACKAGES := dnsperf dnsmasq-base unbound
+
+.PHONY: run test demo lint deps clean bench bench-tcp bench-splice bench-dns bench-duplex bench-registrator bench-watchers
 
 run: deps
 	exec $(BIN)/consulate agent $(ARGS)
@@ -30,7 +39,7 @@ demo: deps
 
 # Benchmarks are not tests: `make test` never runs them. Options go in BENCH_ARGS,
 # e.g. make bench-tcp BENCH_ARGS="--variants direct,haproxy --reps 1".
-bench: bench-tcp bench-splice
+bench: bench-tcp bench-splice bench-dns bench-registrator bench-duplex bench-watchers
 
 bench-tcp: deps $(STAMP)/bench
 	$(BIN)/python -m bench.tcp $(BENCH_ARGS)
@@ -38,6 +47,27 @@ bench-tcp: deps $(STAMP)/bench
 # Where splice(2) starts to beat recv/send in the engine (its mode thresholds).
 bench-splice: deps $(STAMP)/bench
 	$(BIN)/python -m bench.splice_crossover
+
+# consulate's DNS responder against dnsmasq and unbound, same records, same run;
+# e.g. make bench-dns BENCH_ARGS="--quick" (a smoke test) or BENCH_ARGS="--reps 5".
+bench-dns: deps $(STAMP)/bench $(STAMP)/apt-bench-dns $(STAMP)/bench-dns-tools
+	$(BIN)/python -m bench.dns $(BENCH_ARGS)
+
+# 10,000 long polls / event streams on one agent: memory per watcher, who wakes on
+# a write and how fast, against Consul-style blocking queries in the same run;
+# e.g. make bench-watchers BENCH_ARGS="--quick" (a smoke test).
+bench-watchers: deps $(STAMP)/bench $(STAMP)/bench-dns-tools
+	$(BIN)/python -m bench.watchers $(BENCH_ARGS)
+
+# The registrator against a real dockerd: N containers started at once -> all in the
+# catalog; e.g. make bench-registrator BENCH_ARGS="--containers 20 --reps 1".
+bench-registrator: deps $(STAMP)/bench
+	$(BIN)/python -m bench.registrator $(BENCH_ARGS)
+
+# duplex RPC against aiohttp JSON and raw msgpack over asyncio streams, unix and tcp;
+# e.g. make bench-duplex BENCH_ARGS="--reps 1 --duration 1".
+bench-duplex: deps $(STAMP)/bench
+	$(BIN)/python -m bench.duplex $(BENCH_ARGS)
 
 # mypy cannot follow setuptools' package-dir mapping, so it checks the package
 # through a tree of symlinks shaped like the installed one.
@@ -69,6 +99,17 @@ apt_install = missing=$$(for p in $(1); do \
 
 $(STAMP)/apt: Makefile
 	@$(call apt_install,$(APT_PACKAGES))
+	@mkdir -p $(STAMP) && touch $@
+
+$(STAMP)/apt-bench-dns: Makefile
+	@$(call apt_install,$(BENCH_DNS_PACKAGES))
+	@if ss -Hlun 'sport = :53' | grep -q .; then \
+		echo "warning: something listens on UDP port 53 (ss -lunp 'sport = :53'); the DNS" \
+		     "benchmark does not need it and uses its own ports"; fi
+	@mkdir -p $(STAMP) && touch $@
+
+$(STAMP)/bench-dns-tools: $(STAMP)/venv
+	$(BIN)/pip install --quiet py-spy
 	@mkdir -p $(STAMP) && touch $@
 
 $(STAMP)/venv: pyproject.toml setup.py native/build.py native/relay.c $(STAMP)/apt

@@ -22,6 +22,7 @@ from consulate import native
 from consulate.control import discover_api
 from consulate.control.config import AgentConfig, ConfigError
 from consulate.control.http_api import ApiContext, build_app
+from consulate.control.registrator.agentmode import AgentRegistrator
 from consulate.control.registry import Change, Instance
 from consulate.control.registry.hub import WatchHub
 from consulate.control.registry.location import open_registry, parse_location
@@ -71,6 +72,7 @@ class Agent:
     def __init__(self, config: AgentConfig) -> None:
         config.validate()
         self.config = config
+        self.registrator = AgentRegistrator(config)
         self.started_at = time.time()
         try:
             config.data_dir.mkdir(parents=True, exist_ok=True)
@@ -130,6 +132,10 @@ class Agent:
         stack.push_async_callback(runner.cleanup)
         await web.TCPSite(runner, *cfg.http_addr, reuse_address=True).start()
         log.info("event=listen component=http address=%s:%d", *cfg.http_addr)
+
+        registrator = self.registrator.start()  # registers through the API just started
+        if registrator is not None:
+            stack.push_async_callback(_cancel, registrator)
 
     async def _follow(self, changes: AsyncIterator[Change]) -> None:
         async for change in changes:

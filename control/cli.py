@@ -30,6 +30,7 @@ from consulate.control.config import (
     parse_service_ttl,
 )
 from consulate.control.lab_cli import add_lab_parser
+from consulate.control.registrator.cli import add_registrator_parser
 from consulate.control.service_definition import InvalidDefinition, parse_duration
 from consulate.dns.config import SoaTimers
 from consulate.proxy.iptables import IptablesError
@@ -124,6 +125,14 @@ def _add_agent(sub: Any) -> None:
                    default=_env_bool("CONSULATE_NO_IPTABLES"),
                    help="do not install iptables rules or the VIP route (env "
                    "CONSULATE_NO_IPTABLES)")
+    p.add_argument("--no-registrator", action="store_true",
+                   default=_env_bool("CONSULATE_NO_REGISTRATOR"),
+                   help="do not register this host's Docker containers (env "
+                   "CONSULATE_NO_REGISTRATOR)")
+    _env_flag(p, "--docker-host", "", "the Docker daemon whose containers the registrator "
+              "registers (default: DOCKER_HOST, else unix:///var/run/docker.sock)")
+    _env_flag(p, "--registrator-flags", "", "registrator options, as `consulate registrator "
+              "-h` lists them (the agent sets -cleanup -resync 30 -ip <advertise>)")
     p.add_argument("--cleanup", action="store_true",
                    help="remove the rules, chains and route a previous agent left, then exit")
     p.set_defaults(func=_cmd_agent)
@@ -148,6 +157,8 @@ def _agent_config(args: argparse.Namespace) -> AgentConfig:
                       expire=parse_seconds("--dns-soa-expire", args.dns_soa_expire),
                       min_ttl=parse_seconds("--dns-soa-min-ttl", args.dns_soa_min_ttl)),
         node_meta=dict(parse_node_meta(m) for m in _listed(args.node_meta, "--node-meta")),
+        registrator=not args.no_registrator, docker_host=args.docker_host,
+        registrator_flags=args.registrator_flags,
     )
 
 
@@ -271,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_agent(sub)
     _add_client_commands(sub)
     add_lab_parser(sub)
+    add_registrator_parser(sub)
     _add_demo(sub)
     return parser
 

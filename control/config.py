@@ -142,6 +142,9 @@ class AgentConfig:
     node_ttl: int = 0
     soa: SoaTimers = field(default_factory=SoaTimers)
     node_meta: dict[str, str] = field(default_factory=dict)
+    registrator: bool = True  # run the registrator when a Docker socket is there
+    docker_host: str = ""  # "": DOCKER_HOST, else unix:///var/run/docker.sock
+    registrator_flags: str = ""  # registrator options, as `consulate registrator` takes them
 
     def validate(self) -> None:
         try:

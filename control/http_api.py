@@ -22,6 +22,7 @@ from consulate.control.registry import RegistryBackend, UnknownInstance
 from consulate.control.registry.model import RegistryUnavailable
 from consulate.control.service_definition import (
     InvalidDefinition,
+    agent_service,
     catalog_entry,
     parse_registration,
 )
@@ -134,6 +135,15 @@ async def catalog_service(request: web.Request) -> web.Response:
     return _json(entries, index)
 
 
+async def agent_services(request: web.Request) -> web.Response:
+    """``GET /v1/agent/services``: the instances this agent's node holds, by ID (what
+    registrator's -cleanup compares with the running containers)."""
+    ctx = request.app[_CONTEXT]
+    instances, _ = await ctx.registry.instances()
+    return web.json_response({i.id: agent_service(i, datacenter=ctx.datacenter)
+                              for i in instances if i.node == ctx.node})
+
+
 async def agent_self(request: web.Request) -> web.Response:
     return web.json_response(request.app[_CONTEXT].self_info())
 
@@ -158,6 +168,7 @@ def build_app(context: ApiContext) -> web.Application:
     app.router.add_put("/v1/agent/check/pass/{check_id}", pass_ttl_check)
     app.router.add_get("/v1/catalog/services", catalog_services)
     app.router.add_get("/v1/catalog/service/{name}", catalog_service)
+    app.router.add_get("/v1/agent/services", agent_services)
     app.router.add_get("/v1/agent/self", agent_self)
     app.router.add_get("/v1/status/leader", status_leader)
     kv_api.add_routes(app, context.registry)

@@ -182,6 +182,21 @@ def check_meta(meta: object) -> None:
             )
 
 
+def agent_service(instance: Instance, *, datacenter: str) -> dict[str, Any]:
+    """One value of ``GET /v1/agent/services`` (keyed by ID), with Consul's field names."""
+    return {
+        "ID": instance.id,
+        "Service": instance.name,
+        "Tags": list(instance.tags),
+        "Meta": dict(instance.meta),
+        "Port": instance.port,
+        "Address": instance.address,
+        "Weights": {"Passing": instance.weight, "Warning": instance.warning_weight},
+        "EnableTagOverride": False,
+        "Datacenter": datacenter,
+    }
+
+
 def catalog_entry(
     instance: Instance, *, node_address: str, datacenter: str
 ) -> dict[str, Any]:

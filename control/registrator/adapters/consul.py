@@ -1,0 +1,77 @@
+"""``consul://`` and ``consulate://``: services in an agent's catalog, over Consul's
+HTTP API (``/v1/agent/service/...``).
+
+``consul://`` behaves as registrator's Consul backend, against a Consul agent or
+consulate's Consul-compatible API. ``consulate://`` is the adapter consulate's
+agent uses for itself: the same calls today, plus liveness, since in consulate
+a TTL check is a lease (``-ttl`` registers one, ``-ttl-refresh`` renews it);
+it keeps its own class so that it can move to the native registry API.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from consulate.control.registrator.adapters.base import Adapter
+from consulate.control.registrator.adapters.consul_http import ConsulHttp
+from consulate.control.registrator.checks import consul_meta, consul_registration
+from consulate.control.registrator.model import Service, is_own_id
+
+log = logging.getLogger("consulate.registrator")
+
+
+class ConsulAdapter(Adapter):
+    """Registers into an agent's catalog; keys are service IDs."""
+
+    store = "Consul"
+    scheme = "consul"
+
+    def __init__(self, uri: str, hostname: str, host: str, port: int) -> None:
+        super().__init__(uri, hostname)
+        self.http = ConsulHttp(self.store, host, port)
+        self._warned: set[str] = set()  # services whose refused attributes were logged
+
+    async def ping(self) -> None:
+        leader = await self.http.call("GET", "/v1/status/leader")
+        log.info("%s: current leader %s", self.scheme, leader)
+
+    async def register(self, service: Service) -> None:
+        refused = consul_meta(service)[1]
+        if refused and service.id not in self._warned:
+            self._warned.add(service.id)
+            log.warning("attributes %s of %s not sent as Meta: Consul allows up to 64 keys "
+                        "of letters, digits, '-' and '_'", ", ".join(refused), service.id)
+        await self.http.call("PUT", "/v1/agent/service/register", body=self.body(service))
+
+    def body(self, service: Service) -> dict[str, object]:
+        return consul_registration(service)
+
+    async def remove(self, key: str) -> None:
+        await self.http.call("PUT", f"/v1/agent/service/deregister/{key}", missing_ok=True)
+
+    async def registered(self) -> list[str]:
+        services = await self.http.call("GET", "/v1/agent/services") or {}
+        return sorted(key for key in services if is_own_id(key, self.hostname))
+
+    async def refresh(self, service: Service) -> None:
+        """Nothing to renew: registrator's Consul backend ignores -ttl."""
+
+    async def close(self) -> None:
+        await self.http.close()
+
+
+class ConsulateAdapter(ConsulAdapter):
+    """consulate's agent API; ``-ttl`` becomes a liveness lease renewed by ``-ttl-refresh``."""
+
+    store = "consulate agent"
+    scheme = "consulate"
+
+    def body(self, service: Service) -> dict[str, object]:
+        body = consul_registration(service)
+        if service.ttl > 0:
+            body["Checks"] = [{"Name": "registrator liveness", "TTL": f"{service.ttl}s"}]
+        return body
+
+    async def refresh(self, service: Service) -> None:
+        if service.ttl > 0:
+            await self.http.call("PUT", f"/v1/agent/check/pass/service:{service.id}")
