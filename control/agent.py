@@ -127,7 +127,10 @@ class Agent:
         stack.push_async_callback(self.hub.close)
         app = build_app(self._api_context())
         discover_api.add_routes(app, self.registry, self.hub, cfg.node)
-        runner = web.AppRunner(app, access_log=None)
+        # Cancel a handler when its client goes: a long poll or an event stream
+        # whose client left must release its watch at once (aiohttp's default
+        # keeps it until the wait runs out, or forever for a quiet stream).
+        runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
         await runner.setup()
         stack.push_async_callback(runner.cleanup)
         await web.TCPSite(runner, *cfg.http_addr, reuse_address=True).start()
@@ -171,6 +174,7 @@ class Agent:
                                                  "endpoints": len(s.endpoints)}
                                         for s in self.table.services()}},
                 "proxy": self.proxy.stats_snapshot(),
+                "watch": self.hub.stats(),
                 "relay": {"engine": self.proxy.relay_name, "native_extension": caps.extension,
                           "splice_available": caps.splice},
                 "iptables": {"enabled": cfg.iptables, "vip_cidr": cfg.vip_cidr,

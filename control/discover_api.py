@@ -105,6 +105,10 @@ class _Discover:
             instance = parse_instance(name, instance_id, body, self.node)
         except InvalidDefinition as exc:
             raise web.HTTPBadRequest(text=str(exc)) from None
+        held = await self.registry.get(instance_id)
+        if held is not None and held.name != name:  # ids are unique across services
+            raise web.HTTPConflict(text=f"instance id {instance_id!r} belongs to service "
+                                        f"{held.name!r}: deregister it there or pick another id")
         stored = await self.registry.register(instance)
         return web.json_response(instance_json(stored))
 

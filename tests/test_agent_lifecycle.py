@@ -9,8 +9,10 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -146,3 +148,31 @@ def test_agent_without_iptables_says_what_to_install(
     assert last == ("consulate: error: iptables-save not found: install iptables "
                     "(apt-get install iptables) or run the agent with --no-iptables")
     assert _vip_route(host_lab) == ""  # what it had set up was rolled back
+
+
+def test_watchers_whose_clients_leave_are_released(host_lab: labmod.Lab, tmp_path: Path) -> None:
+    agent = _agent(host_lab, tmp_path).start()
+    script = (
+        "import socket, time\n"
+        "socks = []\n"
+        "for _ in range(20):\n"
+        "    s = socket.create_connection(('127.0.0.1', 8500))\n"
+        "    s.sendall(b'GET /v1/discover/services/web/instances?index=999999&wait=5m '\n"
+        "              b'HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n')\n"
+        "    socks.append(s)\n"
+        "time.sleep(1)\n"  # the agent holds them all, then the process exits
+    )
+    try:
+        waiting = subprocess.Popen(["ip", "netns", "exec", host_lab.host_ns(1),
+                                    sys.executable, "-c", script])
+        deadline = time.monotonic() + 5
+        while agent.api("GET", "/v1/agent/self")["Stats"]["watch"]["waiters"] < 20:
+            assert time.monotonic() < deadline, "the long polls never arrived"
+            time.sleep(0.05)
+        waiting.wait(10)
+        deadline = time.monotonic() + 3
+        while agent.api("GET", "/v1/agent/self")["Stats"]["watch"]["waiters"]:
+            assert time.monotonic() < deadline, "left long polls still held"
+            time.sleep(0.05)
+    finally:
+        agent.stop()

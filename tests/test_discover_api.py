@@ -145,3 +145,12 @@ async def test_invalid_json_and_unknown_instance(api: Api) -> None:
     response = await api.client.delete(f"{BASE}/web/instances/ghost")
     assert response.status == 404
     assert "has no instance 'ghost'" in await response.text()
+
+
+async def test_an_id_of_another_service_is_a_conflict(api: Api) -> None:
+    await put(api, "alpha", "i1", {"addr": "10.0.0.1:80"})
+    status, text = await put(api, "beta", "i1", {"addr": "10.0.0.2:80"})
+    assert status == 409
+    assert "belongs to service 'alpha'" in text
+    held = await api.registry.get("i1")
+    assert held is not None and (held.name, held.address) == ("alpha", "10.0.0.1")
