@@ -26,6 +26,7 @@ from consulate.control.registrator.agentmode import AgentRegistrator
 from consulate.control.registry import Change, Instance
 from consulate.control.registry.hub import WatchHub
 from consulate.control.registry.location import open_registry, parse_location
+from consulate.control.tasks import cancel_and_wait
 from consulate.dns.answer import Responder
 from consulate.dns.server import DnsServer
 from consulate.proxy import iptables, localroute
@@ -108,7 +109,7 @@ class Agent:
         changes = self.registry.watch()
         apply_change(self.table, await anext(changes))  # the snapshot, before any listener
         watcher = asyncio.get_running_loop().create_task(self._follow(changes))
-        stack.push_async_callback(_cancel, watcher)
+        stack.push_async_callback(cancel_and_wait, watcher)
 
         await self.proxy.start(*cfg.proxy_addr)
         stack.push_async_callback(self.proxy.close)
@@ -138,7 +139,7 @@ class Agent:
 
         registrator = self.registrator.start()  # registers through the API just started
         if registrator is not None:
-            stack.push_async_callback(_cancel, registrator)
+            stack.push_async_callback(cancel_and_wait, registrator)
 
     async def _follow(self, changes: AsyncIterator[Change]) -> None:
         async for change in changes:
@@ -198,9 +199,3 @@ def _relay_engine(config: AgentConfig) -> SpliceEngine | None:
     from consulate.native.engine import SpliceEngine
 
     return SpliceEngine(connect_timeout=config.connect_timeout)
-
-
-async def _cancel(task: asyncio.Task[None]) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
+from procstop import stop_process
+
 ETCDCTL_ENV = {"ETCDCTL_API": "3"}
 
 
@@ -80,13 +82,7 @@ class EtcdProcess:
         self._etcdctl("compact", str(revision)).check_returncode()
 
     def stop(self) -> None:
-        if self._process is not None and self._process.poll() is None:
-            self._process.terminate()
-            try:
-                self._process.wait(10)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
+        stop_process(self._process)
         self._process = None
 
     def __enter__(self) -> EtcdProcess:

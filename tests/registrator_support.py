@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aiohttp import web
+from procstop import stop_process
 
 from consulate.control.http_api import ApiContext, build_app
 from consulate.control.registry import EmbeddedRegistry
@@ -117,11 +118,5 @@ class ZooKeeperProcess:
         raise RuntimeError(f"ZooKeeper on {self.address}:{self.port} not up within {timeout}s")
 
     def stop(self) -> None:
-        if self._process is not None and self._process.poll() is None:
-            self._process.terminate()
-            try:
-                self._process.wait(10)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
+        stop_process(self._process)
         self._process = None

@@ -27,6 +27,8 @@ from typing import Any
 
 import aiohttp
 
+from consulate.control.tasks import cancel_and_wait
+
 log = logging.getLogger("consulate.registry.client")
 
 DEFAULT_TTL = 10.0
@@ -103,9 +105,7 @@ class Registration:
     async def close(self) -> None:
         """Stop heartbeating and deregister."""
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
             self._task = None
         with contextlib.suppress(RegistryClientError):
             await self.client._request("DELETE", self.client._instance_path(self.service, self.id))
@@ -157,9 +157,7 @@ class ServiceSet:
 
     async def close(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
 
 
 class RoundRobin:

@@ -30,6 +30,7 @@ from consulate.control.registry.model import (
     KVEntry,
     RegistryUnavailable,
     UnknownInstance,
+    changes_between,
 )
 
 log = logging.getLogger("consulate.registry.consul")
@@ -165,13 +166,9 @@ class ConsulRegistry:
                 log.warning("event=watch-retry error=%s retry_in=%.1fs", exc, RETRY_DELAY)
                 await asyncio.sleep(RETRY_DELAY)
                 continue
-            now = {i.id: i for i in current}
-            for instance_id in sorted(set(known) - set(now)):
-                yield Change(position, "down", (known[instance_id],))
-            for instance in current:
-                if known.get(instance.id) != instance:
-                    yield Change(position, "up", (instance,))
-            known = now
+            for change in changes_between(known, current, position):
+                yield change
+            known = {i.id: i for i in current}
 
     # -- KV --------------------------------------------------------------------
 

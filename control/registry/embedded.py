@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from consulate.control.registry.model import Change, Instance, KVEntry, UnknownInstance
+from consulate.control.tasks import cancel_and_wait
 
 log = logging.getLogger("consulate.registry")
 
@@ -119,9 +120,7 @@ class EmbeddedRegistry:
 
     async def close(self) -> None:
         if self._reaper is not None:
-            self._reaper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reaper
+            await cancel_and_wait(self._reaper)
             self._reaper = None
         self._db.close()
 

@@ -41,6 +41,7 @@ from consulate.control.registry.model import (
     KVEntry,
     RegistryUnavailable,
     UnknownInstance,
+    changes_between,
 )
 
 log = logging.getLogger("consulate.registry.etcd")
@@ -333,13 +334,9 @@ class EtcdRegistry:
     async def _resync(self, known: dict[str, Instance]) -> tuple[list[Change], int]:
         """The changes that turn ``known`` into the current set (which it becomes)."""
         current, revision = await self.instances()
-        now = {i.id: i for i in current}
-        changes = [Change(revision, "down", (gone,))
-                   for instance_id, gone in sorted(known.items()) if instance_id not in now]
-        changes += [Change(revision, "up", (instance,)) for instance in current
-                    if known.get(instance.id) != instance]
+        changes = changes_between(known, current, revision)
         known.clear()
-        known.update(now)
+        known.update((i.id, i) for i in current)
         return changes, revision
 
     async def close(self) -> None:

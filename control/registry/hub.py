@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from consulate.control.registry.backend import RegistryBackend
 from consulate.control.registry.events import ServiceEvent, ServiceView
 from consulate.control.registry.model import Change, Instance
+from consulate.control.tasks import cancel_and_wait
 
 log = logging.getLogger("consulate.registry.hub")
 
@@ -56,9 +57,7 @@ class WatchHub:
 
     async def close(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
             self._task = None
         for service in self._services.values():
             for queue in service.queues:

@@ -76,6 +76,18 @@ class Change:
     instances: tuple[Instance, ...]
 
 
+def changes_between(known: dict[str, Instance], current: list[Instance],
+                    index: int) -> list[Change]:
+    """The changes that turn the set ``known`` into ``current`` (by id): what a
+    backend without a replayable change log emits after reading the set again."""
+    now = {i.id for i in current}
+    changes = [Change(index, "down", (gone,))
+               for instance_id, gone in sorted(known.items()) if instance_id not in now]
+    changes += [Change(index, "up", (instance,)) for instance in current
+                if known.get(instance.id) != instance]
+    return changes
+
+
 @dataclass(frozen=True)
 class KVEntry:
     """One key of the KV store, with Consul's fields (the value is raw bytes)."""
