@@ -150,7 +150,7 @@ class Agent:
         return ApiContext(
             self.registry, node=cfg.node, node_address=cfg.advertise,
             datacenter=cfg.datacenter, leader=f"{cfg.advertise}:{cfg.http_addr[1]}",
-            self_info=self.self_info,
+            self_info=self.self_info, token=cfg.token,
         )
 
     def self_info(self) -> dict[str, Any]:

@@ -89,6 +89,8 @@ def _add_agent(sub: Any) -> None:
               "--data-dir), etcd://HOST:PORT[,HOST:PORT...][/PREFIX] (shared by many hosts) "
               "or consul://HOST:PORT (a Consul agent)")
     _env_flag(p, "--advertise", defaults.advertise, "this host's address for other hosts")
+    _env_flag(p, "--token", "", "token every write to the HTTP API must carry (X-Consul-Token "
+              "or Authorization: Bearer); required when --http-addr is not on loopback")
     _env_flag(p, "--http-addr", "127.0.0.1:8500", "HTTP API listen address")
     _env_flag(p, "--dns-addr", "127.0.0.1:8600",
               "DNS listen addresses, comma-separated HOST:PORT")
@@ -146,6 +148,7 @@ def _agent_config(args: argparse.Namespace) -> AgentConfig:
         domain=args.domain, proxy_addr=parse_hostport("--proxy-addr", args.proxy_addr),
         vip_cidr=args.vip_cidr, mark=parse_mark(args.mark), iptables=not args.no_iptables,
         connect_timeout=args.connect_timeout, relay=args.relay, registry=args.registry,
+        token=args.token,
         alt_domain=args.alt_domain, dns_a=args.dns_a, udp_max=args.udp_max,
         recursors=[parse_recursor(r) for r in _listed(args.recursor, "--recursor")],
         recursor_timeout=args.recursor_timeout,

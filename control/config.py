@@ -133,6 +133,7 @@ class AgentConfig:
     connect_timeout: float = 2.0
     relay: str = "auto"  # native when the extension is built and usable, else python
     registry: str = "embedded"  # or etcd://HOST:PORT[,HOST:PORT...][/PREFIX]
+    token: str = ""  # needed by writes to the HTTP API; required off loopback
     alt_domain: str = ""
     dns_a: str = "vip"
     udp_max: int = DEFAULT_UDP_MAX
@@ -158,6 +159,10 @@ class AgentConfig:
         except ValueError:
             raise ConfigError(f"--advertise {self.advertise!r} is not an IPv4 address") from None
         self._validate_dns()
+        if not self.token and not ipaddress.IPv4Address(self.http_addr[0]).is_loopback:
+            raise ConfigError(
+                f"--http-addr {self.http_addr[0]}:{self.http_addr[1]} listens beyond this "
+                "host: set --token (or CONSULATE_TOKEN) so that writes to the API need it")
         try:
             parse_location(self.registry)
         except BadLocation as exc:

@@ -9,6 +9,7 @@ long-polls works unchanged.
 
 from __future__ import annotations
 
+import hmac
 import json
 from collections.abc import Callable
 from typing import Any
@@ -40,8 +41,10 @@ class ApiContext:
         datacenter: str,
         leader: str,
         self_info: Callable[[], dict[str, Any]],
+        token: str = "",
     ) -> None:
         self.registry = registry
+        self.token = token  # "": writes need none (the API listens on loopback only)
         self.node = node
         self.node_address = node_address
         self.datacenter = datacenter
@@ -160,8 +163,33 @@ async def _registry_unavailable(request: web.Request, handler: Handler) -> web.S
         raise web.HTTPServiceUnavailable(text=str(exc)) from None
 
 
+_WRITES = frozenset({"PUT", "POST", "DELETE", "PATCH"})
+
+
+def presented_token(request: web.Request) -> str:
+    """The token a request carries, the ways Consul takes it: X-Consul-Token, or
+    ``Authorization: Bearer``."""
+    token = request.headers.get("X-Consul-Token", "")
+    if not token:
+        scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() == "bearer":
+            token = value.strip()
+    return token
+
+
+@web.middleware
+async def _writes_need_the_token(request: web.Request, handler: Handler) -> web.StreamResponse:
+    expected = request.app[_CONTEXT].token
+    if expected and request.method in _WRITES and not hmac.compare_digest(
+            presented_token(request).encode(), expected.encode()):
+        raise web.HTTPForbidden(text="Permission denied: this write needs the agent's token "
+                                     "(send it as X-Consul-Token or Authorization: Bearer)")
+    return await handler(request)
+
+
 def build_app(context: ApiContext) -> web.Application:
-    app = web.Application(client_max_size=1024 * 1024, middlewares=[_registry_unavailable])
+    app = web.Application(client_max_size=1024 * 1024,
+                          middlewares=[_writes_need_the_token, _registry_unavailable])
     app[_CONTEXT] = context
     app.router.add_put("/v1/agent/service/register", register_service)
     app.router.add_put("/v1/agent/service/deregister/{service_id}", deregister_service)

@@ -21,6 +21,7 @@ from dataclasses import replace
 from consulate.control.config import AgentConfig, ConfigError
 from consulate.control.registrator import flags
 from consulate.control.registrator.adapters import Adapter, open_adapter
+from consulate.control.registrator.adapters.consul_http import TOKEN_VARIABLE
 from consulate.control.registrator.docker_source import DockerSource, docker_host
 from consulate.control.registrator.runner import StartupError, run
 
@@ -76,6 +77,8 @@ class AgentRegistrator:
             log.info("event=registrator state=off reason=%r hint='pass --docker-host or set "
                      "DOCKER_HOST'", reason)
             return None
+        if self.config.token:  # it writes into this agent's API, which wants the token
+            os.environ[TOKEN_VARIABLE] = self.config.token
         adapter = open_adapter(self.options.uri, self.config.node)
         log.info("event=registrator state=on docker=%s registry=%s", host, self.options.uri)
         return asyncio.get_running_loop().create_task(

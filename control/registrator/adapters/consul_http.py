@@ -5,6 +5,7 @@ the store and what to do."""
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import aiohttp
@@ -12,15 +13,22 @@ import aiohttp
 from consulate.control.registrator.adapters.base import AdapterError
 
 REQUEST_TIMEOUT = 5.0
+TOKEN_VARIABLE = "CONSUL_HTTP_TOKEN"
 
 
 class ConsulHttp:
-    """Calls ``http://host:port``; ``what`` names the store in error messages."""
+    """Calls ``http://host:port``; ``what`` names the store in error messages.
+
+    Writes carry the token in CONSUL_HTTP_TOKEN, as Consul's own clients and
+    registrator send it (a consulate agent off loopback requires one).
+    """
 
     def __init__(self, what: str, host: str, port: int) -> None:
         self.what = what
         self.base = f"http://{host}:{port}"
         self._session: aiohttp.ClientSession | None = None
+        token = os.environ.get(TOKEN_VARIABLE, "")
+        self._headers = {"X-Consul-Token": token} if token else {}
 
     async def call(self, method: str, path: str, *, body: Any = None, raw: bytes | None = None,
                    missing_ok: bool = False) -> Any:
@@ -31,7 +39,8 @@ class ConsulHttp:
         data = raw if raw is not None else (json.dumps(body).encode() if body is not None
                                              else None)
         try:
-            async with self._session.request(method, self.base + path, data=data) as response:
+            async with self._session.request(method, self.base + path, data=data,
+                                             headers=self._headers) as response:
                 text = await response.text()
                 if response.status == 404 and missing_ok:
                     return None
