@@ -34,7 +34,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("consulate.proxy")
 
-DEFAULT_PORT = 10000  # Ambassadord's port
 DEFAULT_CONNECT_TIMEOUT = 2.0
 DEFAULT_ATTEMPTS = 3
 LISTEN_BACKLOG = 4096  # bursts of new connections wait in the kernel, not refused
