@@ -6,16 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
-import shutil
-import tempfile
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import msgpack
 import pytest
+from duplexfix import Endpoints
 
 from consulate.control.duplex import (
     ChannelInterrupted,
@@ -28,20 +26,9 @@ from consulate.control.duplex import (
 from consulate.control.duplex.endpoints import parse
 from consulate.control.duplex.frames import DATA, OPEN, Decoder, Encoder, Frame, Greeting
 
-Endpoints = Callable[[], str]
 MakePeer = Callable[..., Peer]
 
 
-@pytest.fixture(params=["tcp", "unix"])
-def endpoints(request: pytest.FixtureRequest) -> Iterator[Endpoints]:
-    """Fresh endpoints: loopback port 0, or a socket in a short temp dir."""
-    if request.param == "tcp":
-        yield lambda: "tcp://127.0.0.1:0"
-        return
-    folder = tempfile.mkdtemp(prefix="dpx-", dir="/tmp")  # sun_path is short
-    numbers = itertools.count()
-    yield lambda: f"unix://{folder}/{next(numbers)}.sock"
-    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import shutil
-import tempfile
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
+from duplexfix import Endpoints
 
 from consulate.control.duplex import (
     ChannelInterrupted,
@@ -23,19 +22,9 @@ from consulate.control.duplex import (
     stream_input,
 )
 
-Endpoints = Callable[[], str]
 MakePeer = Callable[..., RPCPeer]
 
 
-@pytest.fixture(params=["tcp", "unix"])
-def endpoints(request: pytest.FixtureRequest) -> Iterator[Endpoints]:
-    if request.param == "tcp":
-        yield lambda: "tcp://127.0.0.1:0"
-        return
-    folder = tempfile.mkdtemp(prefix="dpx-", dir="/tmp")  # sun_path is short
-    numbers = itertools.count()
-    yield lambda: f"unix://{folder}/{next(numbers)}.sock"
-    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture
