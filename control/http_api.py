@@ -125,6 +125,23 @@ async def catalog_services(request: web.Request) -> web.Response:
     return _json({name: sorted(tags) for name, tags in sorted(services.items())}, index)
 
 
+async def catalog_nodes(request: web.Request) -> web.Response:
+    """``GET /v1/catalog/nodes``: this agent's node and every node instances were
+    registered from. The registry keeps no node table: another node's address is
+    the address of its first instance, which is all this agent knows of it."""
+    ctx = request.app[_CONTEXT]
+    await _block(request)
+    instances, index = await ctx.registry.instances()
+    addresses = {ctx.node: ctx.node_address}
+    for instance in sorted(instances, key=lambda i: (i.create_index, i.id)):
+        if instance.node:
+            addresses.setdefault(instance.node, instance.address)
+    return _json([{"ID": "", "Node": node, "Address": address, "Datacenter": ctx.datacenter,
+                   "TaggedAddresses": {"lan": address, "wan": address}, "Meta": {},
+                   "CreateIndex": 0, "ModifyIndex": 0}
+                  for node, address in sorted(addresses.items())], index)
+
+
 async def catalog_service(request: web.Request) -> web.Response:
     ctx = request.app[_CONTEXT]
     await _block(request)
@@ -195,6 +212,7 @@ def build_app(context: ApiContext) -> web.Application:
     app.router.add_put("/v1/agent/service/deregister/{service_id}", deregister_service)
     app.router.add_put("/v1/agent/check/pass/{check_id}", pass_ttl_check)
     app.router.add_get("/v1/catalog/services", catalog_services)
+    app.router.add_get("/v1/catalog/nodes", catalog_nodes)
     app.router.add_get("/v1/catalog/service/{name}", catalog_service)
     app.router.add_get("/v1/agent/services", agent_services)
     app.router.add_get("/v1/agent/self", agent_self)

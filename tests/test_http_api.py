@@ -16,7 +16,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from consulate.control.http_api import ApiContext, build_app
-from consulate.control.registry import EmbeddedRegistry
+from consulate.control.registry import EmbeddedRegistry, Instance
 
 NODE = "node-a"
 NODE_ADDRESS = "192.0.2.10"
@@ -406,3 +406,21 @@ async def test_py_consul_client_against_the_api(tmp_path: Path) -> None:
     assert [(i.id, i.name, i.address, i.port, i.ttl) for i in stored] == [
         ("db-1", "db", "10.0.0.9", 5432, 10.0)
     ]
+
+
+async def test_catalog_nodes_lists_this_node_and_the_nodes_of_instances(api: Api) -> None:
+    body, _ = await api.get_json("/v1/catalog/nodes")
+    assert [(n["Node"], n["Address"]) for n in body] == [(NODE, NODE_ADDRESS)]
+    await api.put("/v1/agent/service/register", WEB_1)  # from this node
+    await api.registry.register(Instance(id="db-1", name="db", address="10.0.9.9", port=5432,
+                                         node="node-b"))  # registered by another agent
+    body, index = await api.get_json("/v1/catalog/nodes")
+    assert body == [
+        {"ID": "", "Node": NODE, "Address": NODE_ADDRESS, "Datacenter": DATACENTER,
+         "TaggedAddresses": {"lan": NODE_ADDRESS, "wan": NODE_ADDRESS}, "Meta": {},
+         "CreateIndex": 0, "ModifyIndex": 0},
+        {"ID": "", "Node": "node-b", "Address": "10.0.9.9", "Datacenter": DATACENTER,
+         "TaggedAddresses": {"lan": "10.0.9.9", "wan": "10.0.9.9"}, "Meta": {},
+         "CreateIndex": 0, "ModifyIndex": 0},
+    ]
+    assert index == api.registry.index
