@@ -29,6 +29,7 @@ from consulate.control.config import (
     parse_seconds,
     parse_service_ttl,
 )
+from consulate.control.host_helpers import add_host_helper_parsers
 from consulate.control.lab_cli import add_lab_parser
 from consulate.control.registrator.cli import add_registrator_parser
 from consulate.control.service_definition import InvalidDefinition, parse_duration
@@ -286,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_client_commands(sub)
     add_lab_parser(sub)
     add_registrator_parser(sub)
+    add_host_helper_parsers(sub)
     _add_demo(sub)
     return parser
 
