@@ -55,7 +55,7 @@ consulate_relay_engine *consulate_relay_new(int pipe_size, size_t splice_thresho
 int consulate_relay_notify_fd(consulate_relay_engine *e);
 int consulate_relay_add(consulate_relay_engine *e, uint64_t id, int fd_a, int fd_b);
 int consulate_relay_listen(consulate_relay_engine *e, int listen_fd, uint32_t mark,
-                           int attempts);
+                           int attempts, uint32_t mark_net, uint32_t mark_mask);
 void consulate_relay_unlisten(consulate_relay_engine *e);
 int consulate_relay_set_routes(consulate_relay_engine *e, const consulate_route *routes,
                                size_t count, const uint32_t *addrs, const uint16_t *ports,

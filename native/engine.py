@@ -11,6 +11,7 @@ itself, following the routes of ``set_routes``, and the caller keeps the socket.
 from __future__ import annotations
 
 import errno
+import ipaddress
 import os
 import socket
 import sys
@@ -77,18 +78,23 @@ class SpliceEngine:
         a.detach()
         b.detach()
 
-    def listen(self, listener: socket.socket, *, mark: int = 0, attempts: int = 3) -> None:
+    def listen(self, listener: socket.socket, *, mark: int = 0, attempts: int = 3,
+               marked_network: str = "0.0.0.0/0") -> None:
         """Accept on ``listener`` and route each connection by the table of ``set_routes``.
 
         The engine reads the original destination, picks up to ``attempts``
-        endpoints of the VIP's service in round-robin order and connects (the
-        upstream sockets carry ``mark``), all without Python. The caller keeps
-        the socket and must call ``unlisten`` before closing it.
+        endpoints of the VIP's service in round-robin order and connects (upstream
+        sockets to an address in ``marked_network`` carry ``mark``), all without
+        Python. The caller keeps the socket and must call ``unlisten`` before
+        closing it.
         """
         self._check_open()
         if not 1 <= attempts <= MAX_CANDIDATES:
             raise ValueError(f"attempts={attempts}: give 1 to {MAX_CANDIDATES}")
-        rc = _lib.consulate_relay_listen(self._handle, listener.fileno(), mark, attempts)
+        network = ipaddress.IPv4Network(marked_network)
+        rc = _lib.consulate_relay_listen(self._handle, listener.fileno(), mark, attempts,
+                                         _ipv4(str(network.network_address)),
+                                         _ipv4(str(network.netmask)))
         if rc != 0:
             raise OSError(-rc, f"relay engine cannot accept: {os.strerror(-rc)}")
 

@@ -183,6 +183,7 @@ typedef struct consulate_relay_engine {
     int listen_fd;
     struct side listen_side; /* its epoll cookie */
     uint32_t listen_mark;
+    uint32_t mark_net, mark_mask; /* only upstreams in this network get the mark */
     int attempts;
     double accept_paused_until; /* > 0 while paused after EMFILE */
     uint64_t next_accepted_id, accepted, unrouted;
@@ -465,7 +466,11 @@ static int start_attempt(consulate_relay_engine *e, struct conn *c, double now)
             continue;
         }
         /* The mark exempts the engine's own connections from the REDIRECT rules. */
-        if (c->mark != 0)
+        /* The mark exempts a connection from the REDIRECT rules, which match VIP
+         * destinations only: an endpoint outside the VIP range needs no mark
+         * (and the connection one syscall less). */
+        if (c->mark != 0 &&
+            (c->candidates[c->attempt].sin_addr.s_addr & e->mark_mask) == e->mark_net)
             (void)setsockopt(fd, SOL_SOCKET, SO_MARK, &c->mark, sizeof(c->mark));
         (void)setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
         if (connect(fd, (struct sockaddr *)&c->candidates[c->attempt],
@@ -941,7 +946,7 @@ static void accept_ready(consulate_relay_engine *e, double now)
  * owning) and route by the table of consulate_relay_set_routes; upstream sockets
  * carry mark, and up to attempts candidates are tried per connection. */
 static int consulate_relay_listen(consulate_relay_engine *e, int listen_fd, uint32_t mark,
-                                  int attempts)
+                                  int attempts, uint32_t mark_net, uint32_t mark_mask)
 {
     struct epoll_event ev;
     int rc = 0;
@@ -961,6 +966,8 @@ static int consulate_relay_listen(consulate_relay_engine *e, int listen_fd, uint
         } else {
             e->listen_fd = listen_fd;
             e->listen_mark = mark;
+            e->mark_net = mark_net & mark_mask;
+            e->mark_mask = mark_mask;
             e->attempts = attempts;
         }
     }

@@ -98,7 +98,8 @@ class TransparentProxy:
             loop.add_reader(self._engine.notify_fd, self._engine_results)
             self._publish_routes(self.table.version)
             self._unsubscribe = self.table.subscribe(self._publish_routes)
-            self._engine.listen(listener, mark=self._mark, attempts=self._attempts)
+            self._engine.listen(listener, mark=self._mark, attempts=self._attempts,
+                                marked_network=str(self.table.vip_network))
         log.info("event=listen component=proxy address=%s:%d relay=%s", host, port,
                  self.relay_name)
 
