@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import dataclasses
 import datetime
 import functools
 import importlib.metadata
@@ -803,8 +802,7 @@ def write(plan: Plan, args: argparse.Namespace, run: Run, names: list[str],
     latency_chart(plan, run, names, out / "dns-latency.png")
     if run.freshness:
         freshness_chart(run, out / "dns-freshness.png")
-    raw = {"results": {key: {name: dataclasses.asdict(cell) for name, cell in cells.items()}
-                       for key, cells in run.results.items()},
+    raw = {"results": report.results_json(run.results),
            "checks": {mix: {name: {"ok": c.ok, "replies": c.replies,
                                    "mean_reply_bytes": c.mean_reply_bytes,
                                    "wrong": c.wrong[:5]} for name, c in checks.items()}

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import datetime
 import importlib.metadata
 import itertools
@@ -508,8 +507,7 @@ def _write(args: argparse.Namespace, pin: bool, elapsed: float, variants: list[s
     (out / "duplex.md").write_text(text)
     for section in sections:
         report.chart(section, results[section.key], variants, out / section.chart)
-    raw = {key: {name: dataclasses.asdict(cell) for name, cell in cells.items()}
-           for key, cells in results.items()}
+    raw = report.results_json(results)
     (out / "duplex.json").write_text(json.dumps(raw, indent=1) + "\n")
 
 

@@ -8,6 +8,7 @@ and noisy: absolute numbers move from run to run, ratios much less (PLATFORM.md,
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -65,6 +66,12 @@ class Section:
 
 
 Results = dict[str, dict[str, Cell]]  # section key -> variant -> repetitions
+
+
+def results_json(results: Results) -> dict[str, dict[str, dict[str, object]]]:
+    """Every repetition of every cell, as the results' JSON file keeps them."""
+    return {key: {name: dataclasses.asdict(cell) for name, cell in cells.items()}
+            for key, cells in results.items()}
 
 
 def _ratio(value: float | None, ref: float | None) -> str:

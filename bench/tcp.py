@@ -14,7 +14,6 @@ Exits 1 when the direct path does not work: every other number is relative to it
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import importlib.metadata
 import json
@@ -359,8 +358,7 @@ def _write(args: argparse.Namespace, pin: bool, elapsed: float, variants: list[s
     (out / "tcp.md").write_text(text)
     for section in sections:
         report.chart(section, results[section.key], variants, out / section.chart)
-    raw = {key: {name: dataclasses.asdict(cell) for name, cell in cells.items()}
-           for key, cells in results.items()}
+    raw = report.results_json(results)
     (out / "tcp.json").write_text(json.dumps(raw, indent=1) + "\n")
 
 

@@ -1006,8 +1006,7 @@ def write_report(plan: Plan, args: argparse.Namespace, run: Run, elapsed: float)
                     + _profile_tables(profiled))
     (out / "watchers.md").write_text("".join(text))
     memory_chart(plan, run, out / memory.chart)
-    raw = {"results": {key: {name: dataclasses.asdict(cell) for name, cell in cells.items()}
-                       for key, cells in run.results.items()},
+    raw = {"results": report.results_json(run.results),
            "outcomes": {name: [{k: v for k, v in dataclasses.asdict(o).items()
                                 if k not in ("latencies_ms", "sent_ms")} for o in outcomes]
                         for name, outcomes in run.outcomes.items()}}
