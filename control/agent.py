@@ -20,8 +20,10 @@ from aiohttp import web
 
 from consulate import native
 from consulate.control import discover_api
+from consulate.control.api_context import ApiContext
 from consulate.control.config import AgentConfig, ConfigError
-from consulate.control.http_api import ApiContext, build_app
+from consulate.control.health.runner import HealthRunner
+from consulate.control.http_api import build_app
 from consulate.control.registrator.agentmode import AgentRegistrator
 from consulate.control.registry import Change, Instance
 from consulate.control.registry.hub import WatchHub
@@ -42,21 +44,27 @@ log = logging.getLogger("consulate.agent")
 VERSION = "0.1.0"
 
 
-def endpoint_of(instance: Instance) -> Endpoint:
+def endpoint_of(instance: Instance) -> Endpoint | None:
+    """The route to an instance, or None while its checks say critical (Consul
+    routes no traffic there); a warning instance gets its Warning weight."""
+    weight = instance.routed_weight
+    if weight is None:
+        return None
     return Endpoint(service=instance.name, id=instance.id, address=instance.address,
                     port=instance.port, tags=instance.tags, node=instance.node,
-                    weight=instance.weight)
+                    weight=weight)
 
 
 def apply_change(table: RouteTable, change: Change) -> None:
     """Feed one registry change into the route table."""
     if change.kind == "snapshot":
-        table.replace_all(endpoint_of(i) for i in change.instances)
-    elif change.kind == "up":
-        for instance in change.instances:
-            table.upsert(endpoint_of(instance))
-    else:
-        for instance in change.instances:
+        table.replace_all(e for e in map(endpoint_of, change.instances) if e is not None)
+        return
+    for instance in change.instances:
+        endpoint = endpoint_of(instance) if change.kind == "up" else None
+        if endpoint is not None:
+            table.upsert(endpoint)
+        else:
             table.remove(instance.id)
 
 
@@ -151,6 +159,8 @@ class Agent:
             self.registry, node=cfg.node, node_address=cfg.advertise,
             datacenter=cfg.datacenter, leader=f"{cfg.advertise}:{cfg.http_addr[1]}",
             self_info=self.self_info, token=cfg.token,
+            health=HealthRunner(self.registry, cfg.node,
+                                scripts_enabled=cfg.enable_script_checks),
         )
 
     def self_info(self) -> dict[str, Any]:

@@ -136,6 +136,10 @@ def _add_agent(sub: Any) -> None:
               "registers (default: DOCKER_HOST, else unix:///var/run/docker.sock)")
     _env_flag(p, "--registrator-flags", "", "registrator options, as `consulate registrator "
               "-h` lists them (the agent sets -cleanup -resync 30 -ip <advertise>)")
+    p.add_argument("--enable-script-checks", action="store_true",
+                   default=_env_bool("CONSULATE_ENABLE_SCRIPT_CHECKS"),
+                   help="run health checks that execute commands (Consul's Args checks; "
+                   "off by default: anyone who may register could run code here)")
     p.add_argument("--cleanup", action="store_true",
                    help="remove the rules, chains and route a previous agent left, then exit")
     p.set_defaults(func=_cmd_agent)
@@ -163,6 +167,7 @@ def _agent_config(args: argparse.Namespace) -> AgentConfig:
         node_meta=dict(parse_node_meta(m) for m in _listed(args.node_meta, "--node-meta")),
         registrator=not args.no_registrator, docker_host=args.docker_host,
         registrator_flags=args.registrator_flags,
+        enable_script_checks=args.enable_script_checks,
     )
 
 
@@ -204,8 +209,9 @@ def _add_client_commands(sub: Any) -> None:
     p.add_argument("--tag", action="append", default=[], help="a tag (repeatable)")
     p.add_argument("--meta", action="append", default=[], metavar="KEY=VALUE",
                    help="a metadata pair (repeatable)")
-    p.add_argument("--ttl", help="liveness TTL such as 10s: the instance expires unless "
-                   "renewed with PUT /v1/agent/check/pass/service:<id>")
+    p.add_argument("--ttl", help="a TTL check such as 10s: the instance turns critical (no "
+                   "traffic) unless renewed with PUT /v1/agent/check/pass/service:<id> "
+                   "within it, and is removed after as long again")
     p.add_argument("--weight", type=int, help="the instance's share of the load (DNS SRV "
                    "weight, Consul's Weights.Passing; default 1)")
     p = client_parser("deregister", "remove a service instance", _cmd_deregister)
@@ -234,7 +240,8 @@ def _cmd_register(args: argparse.Namespace) -> int:
             parse_duration(args.ttl)
         except InvalidDefinition as exc:
             raise CliError(f"--ttl: {exc}") from None
-        body["Check"] = {"TTL": args.ttl}
+        body["Check"] = {"TTL": args.ttl, "Status": "passing",
+                         "DeregisterCriticalServiceAfter": args.ttl}
     _client(args).request("PUT", "/v1/agent/service/register", body)
     print(f"registered {body.get('ID', args.name)} ({args.name} at {host}:{port})")
     return 0

@@ -146,6 +146,7 @@ class AgentConfig:
     registrator: bool = True  # run the registrator when a Docker socket is there
     docker_host: str = ""  # "": DOCKER_HOST, else unix:///var/run/docker.sock
     registrator_flags: str = ""  # registrator options, as `consulate registrator` takes them
+    enable_script_checks: bool = False  # run Args health checks (Consul's flag)
 
     def validate(self) -> None:
         try:

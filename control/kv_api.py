@@ -16,6 +16,7 @@ import re
 
 from aiohttp import web
 
+from consulate.control.api_context import indexed_json
 from consulate.control.blocking import blocking_query
 from consulate.control.registry.backend import RegistryBackend
 from consulate.control.registry.model import KVEntry
@@ -62,15 +63,15 @@ class _KV:
             if not entries:
                 raise _not_found(index)
             if "keys" in request.query:
-                return _json(_keys(entries, key, request.query.get("separator", "")), index)
-            return _json([entry_json(e) for e in entries], index)
+                return indexed_json(_keys(entries, key, request.query.get("separator", "")), index)
+            return indexed_json([entry_json(e) for e in entries], index)
         entry = await self.registry.kv_get(key)
         if entry is None:
             raise _not_found(self.registry.index)
         if "raw" in request.query:
             return web.Response(body=entry.value, content_type="application/octet-stream",
                                 headers={"X-Consul-Index": str(entry.modify_index)})
-        return _json([entry_json(entry)], entry.modify_index)
+        return indexed_json([entry_json(entry)], entry.modify_index)
 
     async def put(self, request: web.Request) -> web.Response:
         key = _key(request)
@@ -106,12 +107,6 @@ def _keys(entries: list[KVEntry], prefix: str, separator: str) -> list[str]:
         if not found or found[-1] != name:
             found.append(name)
     return found
-
-
-def _json(data: object, index: int) -> web.Response:
-    return web.json_response(data, headers={"X-Consul-Index": str(max(index, 1)),
-                                            "X-Consul-KnownLeader": "true",
-                                            "X-Consul-LastContact": "0"})
 
 
 def _not_found(index: int) -> web.HTTPNotFound:

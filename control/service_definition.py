@@ -12,7 +12,7 @@ import ipaddress
 import re
 from typing import Any
 
-from consulate.control.registry.model import Instance
+from consulate.control.registry.model import CHECK_STATUSES, CheckKind, HealthCheck, Instance
 
 # Consul's own limits on service metadata (agent/structs/structs.go).
 META_MAX_PAIRS = 64
@@ -31,6 +31,12 @@ _ACCEPTED_UNUSED = {"enabletagoverride", "kind", "taggedaddresses", "proxy",
 _KNOWN = ({"id", "name", "tags", "address", "port", "meta", "check", "checks", "weights"}
           | _ACCEPTED_UNUSED)
 WEIGHT_MAX = 65535  # a DNS SRV weight is 16 bits (RFC 2782)
+# Consul's check limits: probes at most once a second, 10 s timeout by default.
+MIN_CHECK_INTERVAL = 1.0
+DEFAULT_CHECK_TIMEOUT = 10.0
+_CHECK_FIELDS = {"checkid", "id", "name", "notes", "ttl", "http", "tcp", "args",
+                 "scriptargs", "method", "header", "tlsskipverify", "interval", "timeout",
+                 "deregistercriticalserviceafter", "status", "serviceid"}
 
 
 class InvalidDefinition(ValueError):
@@ -56,26 +62,112 @@ def _normalized(body: dict[str, Any]) -> dict[str, Any]:
     return {key.lower().replace("_", ""): value for key, value in body.items()}
 
 
-def _ttl_of(fields: dict[str, Any]) -> float | None:
-    checks: list[Any] = []
+def _checks_of(fields: dict[str, Any], instance_id: str, name: str) -> tuple[HealthCheck, ...]:
+    """The registration's ``Check`` and ``Checks`` as health checks, with Consul's
+    default IDs: ``service:<id>``, numbered ``service:<id>:N`` when there are several."""
+    bodies: list[Any] = []
     if fields.get("check"):
-        checks.append(fields["check"])
+        bodies.append(fields["check"])
     extra = fields.get("checks") or []
     if not isinstance(extra, list):
         raise InvalidDefinition(f"Checks must be a list of check objects, got {extra!r}")
-    checks += extra
-    ttls = []
-    for check in checks:
-        if not isinstance(check, dict):
-            raise InvalidDefinition(f"a check must be an object like {{\"TTL\": \"10s\"}}, "
-                                    f"got {check!r}")
-        ttl = _normalized(check).get("ttl")
-        if ttl:
-            seconds = parse_duration(ttl)
-            if seconds <= 0:
-                raise InvalidDefinition(f"check TTL {ttl!r} must be longer than zero")
-            ttls.append(seconds)
-    return min(ttls) if ttls else None
+    bodies += extra
+    checks = []
+    for number, body in enumerate(bodies, start=1):
+        default_id = f"service:{instance_id}" + (f":{number}" if len(bodies) > 1 else "")
+        checks.append(parse_check(body, default_id=default_id,
+                                  default_name=f"Service '{name}' check"))
+    ids = [c.id for c in checks]
+    if len(set(ids)) != len(ids):
+        raise InvalidDefinition(f"Checks have duplicate CheckIDs {ids!r}: give each its own")
+    return tuple(checks)
+
+
+def _duration_field(check: dict[str, Any], key: str, label: str) -> float | None:
+    value = check.get(key)
+    if value in (None, ""):
+        return None
+    seconds = parse_duration(value) if isinstance(value, str) else None
+    if seconds is None or seconds <= 0:
+        raise InvalidDefinition(f"check {label} {value!r} must be a duration longer than "
+                                "zero, like '10s'")
+    return seconds
+
+
+def _header_of(value: object) -> tuple[tuple[str, str], ...]:
+    """Consul's ``"Header": {"Name": ["value", ...]}``, flattened in order."""
+    if value in (None, {}):
+        return ()
+    if not isinstance(value, dict) or not all(
+            isinstance(k, str) and isinstance(v, list) and all(isinstance(x, str) for x in v)
+            for k, v in value.items()):
+        raise InvalidDefinition(f"check Header must map names to lists of strings, like "
+                                f"{{\"X-Check\": [\"1\"]}}, got {value!r}")
+    return tuple((k, x) for k, v in value.items() for x in v)
+
+
+def parse_check(body: object, *, default_id: str, default_name: str) -> HealthCheck:
+    """One Consul check definition: exactly one of TTL, HTTP, TCP or Args."""
+    if not isinstance(body, dict):
+        raise InvalidDefinition(f"a check must be an object like {{\"TTL\": \"10s\"}}, "
+                                f"got {body!r}")
+    check = _normalized(body)
+    if "scriptargs" in check and "args" not in check:  # Consul's older name for Args
+        check["args"] = check.pop("scriptargs")
+    unknown = sorted(k for k in body if k.lower().replace("_", "") not in _CHECK_FIELDS)
+    if unknown:
+        raise InvalidDefinition(
+            f"check has unknown field(s) {', '.join(unknown)}: this agent runs TTL, HTTP, "
+            "TCP and Args (script) checks")
+    kinds = [key for key in ("ttl", "http", "tcp", "args") if check.get(key)]
+    if len(kinds) != 1:
+        raise InvalidDefinition(
+            "a check needs exactly one of TTL, HTTP, TCP or Args, got "
+            f"{', '.join(k.upper() for k in kinds) or 'none'}")
+    kind: CheckKind = "script" if kinds[0] == "args" else kinds[0]  # type: ignore[assignment]
+    status = check.get("status") or "critical"
+    if status not in CHECK_STATUSES:
+        raise InvalidDefinition(f"check Status {status!r} is invalid: use passing, warning "
+                                "or critical")
+    check_id = check.get("checkid") or check.get("id") or default_id
+    name = check.get("name") or default_name
+    notes = check.get("notes") or ""
+    for label, value in (("CheckID", check_id), ("Name", name), ("Notes", notes)):
+        if not isinstance(value, str):
+            raise InvalidDefinition(f"check {label} must be a string, got {value!r}")
+    interval = _duration_field(check, "interval", "Interval")
+    if kind != "ttl" and interval is None:
+        raise InvalidDefinition(f"check Interval is required for {kind.upper()} checks, "
+                                "like \"10s\"")
+    target, args = "", ()
+    if kind == "http":
+        target = check["http"]
+        if not isinstance(target, str) or not target.startswith(("http://", "https://")):
+            raise InvalidDefinition(f"check HTTP {target!r} must be an http:// or https:// URL")
+    elif kind == "tcp":
+        target = check["tcp"]
+        host, _, port = str(target).rpartition(":")
+        if not isinstance(target, str) or not host or not port.isdigit() or not (
+                1 <= int(port) <= 65535):
+            raise InvalidDefinition(f"check TCP {target!r} must be host:port")
+    elif kind == "script":
+        args = check["args"]
+        if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+            raise InvalidDefinition(f"check Args must be a list of strings, got {args!r}")
+    method = check.get("method") or "GET"
+    if not isinstance(method, str) or not method.isalpha():
+        raise InvalidDefinition(f"check Method {method!r} is not an HTTP method")
+    return HealthCheck(
+        id=check_id, kind=kind, name=name, target=target,
+        args=tuple(args), method=method.upper(), header=_header_of(check.get("header")),
+        tls_skip_verify=bool(check.get("tlsskipverify")),
+        interval=max(interval or 0.0, MIN_CHECK_INTERVAL) if kind != "ttl" else 0.0,
+        timeout=_duration_field(check, "timeout", "Timeout") or DEFAULT_CHECK_TIMEOUT,
+        ttl=_duration_field(check, "ttl", "TTL"),
+        deregister_after=_duration_field(check, "deregistercriticalserviceafter",
+                                         "DeregisterCriticalServiceAfter"),
+        notes=notes, status=status,
+    )
 
 
 def _weights_of(fields: dict[str, Any]) -> tuple[int, int]:
@@ -139,8 +231,8 @@ def parse_registration(body: object, *, node: str, default_address: str) -> Inst
     weight, warning_weight = _weights_of(fields)
     return Instance(
         id=instance_id, name=name, address=str(address), port=port, tags=tuple(tags),
-        meta=dict(meta), ttl=_ttl_of(fields), node=node, weight=weight,
-        warning_weight=warning_weight,
+        meta=dict(meta), node=node, weight=weight, warning_weight=warning_weight,
+        checks=_checks_of(fields, instance_id, name),
     )
 
 

@@ -22,7 +22,8 @@ from pathlib import Path
 from aiohttp import web
 from procstop import stop_process
 
-from consulate.control.http_api import ApiContext, build_app
+from consulate.control.api_context import ApiContext
+from consulate.control.http_api import build_app
 from consulate.control.registry import EmbeddedRegistry
 
 ZOOKEEPER_JAR = Path("/usr/share/java/zookeeper.jar")

@@ -5,64 +5,28 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import consul
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from apiclient import (
+    DATACENTER,
+    LEADER,
+    NODE,
+    NODE_ADDRESS,
+    SELF_INFO,
+    STEP,
+    Api,
+    close_registry,
+    make_context,
+)
 
-from consulate.control.http_api import ApiContext, build_app
+from consulate.control.http_api import build_app
 from consulate.control.registry import EmbeddedRegistry, Instance
 
-NODE = "node-a"
-NODE_ADDRESS = "192.0.2.10"
-DATACENTER = "dc1"
-LEADER = "192.0.2.10:8500"
-SELF_INFO = {"Config": {"NodeName": NODE, "Datacenter": DATACENTER}, "Member": {"Status": 1}}
-STEP = 1.0  # the longest any single awaited event may take
-
 WEB_1 = {"ID": "web-1", "Name": "web", "Address": "10.0.0.5", "Port": 80, "Tags": ["v1", "blue"]}
-
-
-@dataclass
-class Api:
-    client: TestClient[web.Request, web.Application]
-    registry: EmbeddedRegistry
-
-    async def put(self, path: str, body: object = None, *, raw: bytes | None = None
-                  ) -> tuple[int, str]:
-        data = raw if raw is not None else (b"" if body is None else json.dumps(body).encode())
-        async with self.client.put(path, data=data) as response:
-            return response.status, await response.text()
-
-    async def get_json(self, path: str) -> tuple[Any, int]:
-        """The decoded body and X-Consul-Index of a 200 response."""
-        async with self.client.get(path) as response:
-            assert response.status == 200, await response.text()
-            assert response.content_type == "application/json"
-            return await response.json(), int(response.headers["X-Consul-Index"])
-
-
-def make_context(registry: EmbeddedRegistry) -> ApiContext:
-    return ApiContext(registry, node=NODE, node_address=NODE_ADDRESS, datacenter=DATACENTER,
-                      leader=LEADER, self_info=lambda: SELF_INFO)
-
-
-async def close_registry(registry: EmbeddedRegistry) -> None:
-    await asyncio.wait_for(registry.close(), STEP)
-
-
-@pytest.fixture
-async def api(tmp_path: Path) -> AsyncIterator[Api]:
-    registry = EmbeddedRegistry(tmp_path / "registry.db")
-    registry.start()
-    async with TestClient(TestServer(build_app(make_context(registry)))) as client:
-        yield Api(client, registry)
-    await close_registry(registry)
 
 
 def entry(instance_id: str, address: str, port: int, tags: list[str], index: int,
@@ -189,10 +153,32 @@ async def test_deregister(api: Api) -> None:
          "Name 'web.api' cannot be used in DNS: use 1 to 63 letters, digits, '-' or '_', "
          "starting and ending with a letter or digit"),
         (b'{"Name": "web", "Port": 80, "Check": {"TTL": "0s"}}',
-         "check TTL '0s' must be longer than zero"),
+         "check TTL '0s' must be a duration longer than zero, like '10s'"),
+        (b'{"Name": "web", "Port": 80, "Check": {"HTTP": "http://h/", "TCP": "h:1", '
+         b'"Interval": "1s"}}',
+         "a check needs exactly one of TTL, HTTP, TCP or Args, got HTTP, TCP"),
+        (b'{"Name": "web", "Port": 80, "Check": {"HTTP": "http://h/"}}',
+         'check Interval is required for HTTP checks, like "10s"'),
+        (b'{"Name": "web", "Port": 80, "Check": {"HTTP": "ftp://h/", "Interval": "1s"}}',
+         "check HTTP 'ftp://h/' must be an http:// or https:// URL"),
+        (b'{"Name": "web", "Port": 80, "Check": {"TCP": "h:0", "Interval": "1s"}}',
+         "check TCP 'h:0' must be host:port"),
+        (b'{"Name": "web", "Port": 80, "Check": {"TTL": "5s", "Status": "fine"}}',
+         "check Status 'fine' is invalid: use passing, warning or critical"),
+        (b'{"Name": "web", "Port": 80, "Check": {"GRPC": "h:1", "Interval": "1s"}}',
+         "check has unknown field(s) GRPC: this agent runs TTL, HTTP, TCP and Args "
+         "(script) checks"),
+        (b'{"Name": "web", "Port": 80, "Checks": [{"TTL": "5s", "CheckID": "a"}, '
+         b'{"TTL": "5s", "CheckID": "a"}]}',
+         "Checks have duplicate CheckIDs ['a', 'a']: give each its own"),
+        (b'{"Name": "web", "Port": 80, "Check": {"Args": ["true"], "Interval": "1s"}}',
+         "Scripts are disabled on this agent; to enable them, start it with "
+         "--enable-script-checks"),
     ],
     ids=["no-name", "port-0", "port-70000", "port-string", "unknown-field", "empty-body",
-         "array-body", "dotted-name", "zero-ttl"],
+         "array-body", "dotted-name", "zero-ttl", "two-kinds", "no-interval", "ftp-url",
+         "tcp-port-0", "bad-status", "unknown-check-field", "duplicate-check-ids",
+         "scripts-disabled"],
 )
 async def test_bad_registration_is_400_and_stores_nothing(
     api: Api, raw: bytes, message: str
@@ -305,27 +291,6 @@ async def test_bad_blocking_query_parameters_are_400(api: Api, query: str, messa
             assert await response.text() == message
 
 
-# -- TTL checks ---------------------------------------------------------------------
-
-
-async def test_ttl_check_pass_keeps_the_instance(api: Api) -> None:
-    assert await api.put("/v1/agent/service/register",
-                         {**WEB_1, "Check": {"TTL": "300ms"}}) == (200, "")
-    for _ in range(4):  # 0.4 s: past the 300 ms TTL
-        await asyncio.sleep(0.1)
-        assert await api.put("/v1/agent/check/pass/service:web-1") == (200, "")
-    assert [i.id for i in (await api.registry.instances())[0]] == ["web-1"]
-    assert api.registry.index == 1
-    # Without passes it expires.
-    assert await api.get_json("/v1/catalog/services?index=1&wait=2s") == ({}, 2)
-
-
-async def test_ttl_check_pass_of_unknown_check_is_404(api: Api) -> None:
-    status, text = await api.put("/v1/agent/check/pass/service:ghost")
-    assert status == 404
-    assert text == "Unknown check ID 'service:ghost': TTL checks of services are 'service:<id>'"
-
-
 # -- status and self ----------------------------------------------------------------
 
 
@@ -355,7 +320,13 @@ def _py_consul_session(port: int) -> dict[str, Any]:
             "db", service_id="db-1", address="10.0.0.9", port=5432,
             check=consul.Check.ttl("10s"),
         )
+        seen["critical_before_pass"] = c.health.service("db", passing=True)
         seen["ttl_pass"] = c.agent.check.ttl_pass("service:db-1")
+        seen["passing_after_pass"] = c.health.service("db", passing=True)[1][0]["Service"]["ID"]
+        seen["ttl_warn"] = c.agent.check.ttl_warn("service:db-1", notes="slow disk")
+        seen["passing_after_warn"] = c.health.service("db", passing=True)
+        seen["checks"] = c.agent.checks()
+        seen["ttl_pass_again"] = c.agent.check.ttl_pass("service:db-1")
         seen["services"] = c.catalog.services()
         seen["service"] = c.catalog.service("web")
         seen["service_tag"] = c.catalog.service("web", tag="v2")
@@ -392,19 +363,32 @@ async def test_py_consul_client_against_the_api(tmp_path: Path) -> None:
 
     assert seen["register"] is True
     assert seen["register_ttl"] is True
+    assert seen["critical_before_pass"] == ("2", [])  # a TTL check starts critical
     assert seen["ttl_pass"] is True
-    assert seen["services"] == ("2", {"db": [], "web": ["v1"]})
-    assert seen["service"] == ("2", [entry("web-1", "10.0.0.5", 80, ["v1"], 1)])
-    assert seen["service_tag"] == ("2", [])
+    assert seen["passing_after_pass"] == "db-1"
+    assert seen["ttl_warn"] is True
+    assert seen["passing_after_warn"] == ("4", [])
+    assert seen["checks"] == {"service:db-1": {
+        "Node": NODE, "CheckID": "service:db-1", "Name": "Service 'db' check",
+        "Status": "warning", "Notes": "", "Output": "slow disk", "ServiceID": "db-1",
+        "ServiceName": "db", "ServiceTags": [], "Type": "ttl", "Interval": "", "Timeout": "",
+        "Definition": {"HTTP": "", "TCP": "", "ScriptArgs": None, "Method": "", "Header": None,
+                       "TLSSkipVerify": False, "Interval": "", "Timeout": "", "TTL": "10s",
+                       "DeregisterCriticalServiceAfter": ""},
+        "CreateIndex": 2, "ModifyIndex": 4}}
+    assert seen["ttl_pass_again"] is True
+    assert seen["services"] == ("5", {"db": [], "web": ["v1"]})
+    assert seen["service"] == ("5", [entry("web-1", "10.0.0.5", 80, ["v1"], 1)])
+    assert seen["service_tag"] == ("5", [])
     assert seen["leader"] == LEADER
     assert seen["self"] == SELF_INFO
     assert seen["deregister"] is True
-    assert seen["services_after"] == ("3", {"db": []})
+    assert seen["services_after"] == ("6", {"db": []})
     assert seen["bad_register"] == (
         "400 Port 70000 is invalid: give a number from 1 to 65535"
     )
-    assert [(i.id, i.name, i.address, i.port, i.ttl) for i in stored] == [
-        ("db-1", "db", "10.0.0.9", 5432, 10.0)
+    assert [(i.id, i.name, i.address, i.port, i.status) for i in stored] == [
+        ("db-1", "db", "10.0.0.9", 5432, "passing")
     ]
 
 

@@ -7,7 +7,8 @@ from collections.abc import AsyncIterator
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from consulate.control.http_api import ApiContext, build_app
+from consulate.control.api_context import ApiContext
+from consulate.control.http_api import build_app
 from consulate.control.registry.etcd import EtcdRegistry
 
 UNREACHABLE = ("127.42.0.4", 2379)  # nothing listens there

@@ -10,8 +10,9 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from consulate.control import discover_api
+from consulate.control.api_context import ApiContext
 from consulate.control.config import AgentConfig, ConfigError
-from consulate.control.http_api import ApiContext, build_app
+from consulate.control.http_api import build_app
 from consulate.control.registrator.adapters.consul_http import TOKEN_VARIABLE, ConsulHttp
 from consulate.control.registry import EmbeddedRegistry
 from consulate.control.registry.hub import WatchHub

@@ -17,7 +17,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from consulate.control.http_api import ApiContext, build_app
+from consulate.control.api_context import ApiContext
+from consulate.control.http_api import build_app
 from consulate.control.registry import EmbeddedRegistry
 
 

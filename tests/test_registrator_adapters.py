@@ -104,7 +104,10 @@ async def test_consul_catalog_entry(store: Facade) -> None:
     await adapter.register(service("web", 8080, region="us2", check_ttl="30s"))
     [instance], _ = await store.registry.instances("web")
     assert (instance.id, instance.address, instance.port, instance.tags, instance.meta,
-            instance.ttl) == ("h1:web.0:80", "10.0.0.5", 8080, ("a",), {"region": "us2"}, 30.0)
+            instance.ttl) == ("h1:web.0:80", "10.0.0.5", 8080, ("a",), {"region": "us2"}, None)
+    # SERVICE_CHECK_TTL is a health check the agent runs, critical until passed (Consul).
+    assert [(c.id, c.kind, c.ttl, c.status) for c in instance.checks] == [
+        ("service:h1:web.0:80", "ttl", 30.0, "critical")]
     await adapter.close()
 
 
@@ -116,6 +119,13 @@ async def test_consulate_ttl_is_a_lease_that_refresh_renews(store: Facade) -> No
     for _ in range(4):
         await asyncio.sleep(0.4)
         await adapter.refresh(renewed)
+    # Past the TTL the lapsing instance is critical (unrouted), then deregistered.
+    assert [(i.id, i.status) for i in (await store.registry.instances())[0]] in (
+        [(lapsing.id, "critical"), (renewed.id, "passing")], [(renewed.id, "passing")])
+    for _ in range(40):
+        if [i.id for i in (await store.registry.instances())[0]] == [renewed.id]:
+            break
+        await asyncio.sleep(0.1)
     assert [i.id for i in (await store.registry.instances())[0]] == [renewed.id]
     await adapter.close()
 

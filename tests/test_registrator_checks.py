@@ -91,4 +91,7 @@ def test_the_consulate_facade_accepts_every_mapped_check(attrs: dict[str, str]) 
     instance = parse_registration(consul_registration(service(**attrs)), node="n1",
                                   default_address="127.0.0.1")
     assert (instance.id, instance.port) == ("h:web.0:80", 8080)
-    assert instance.ttl == (30.0 if "check_ttl" in attrs else None)
+    kinds = {"check_http": "http", "check_tcp": "tcp", "check_script": "script",
+             "check_ttl": "ttl"}
+    assert [c.kind for c in instance.checks] == [kinds[k] for k in attrs if k in kinds]
+    assert instance.ttl is None  # health, not liveness: the agent runs these checks

@@ -13,7 +13,8 @@ import pytest
 from aiohttp import web as aioweb
 from etcdproc import EtcdProcess
 
-from consulate.control.http_api import ApiContext, build_app
+from consulate.control.api_context import ApiContext
+from consulate.control.http_api import build_app
 from consulate.control.registry import EmbeddedRegistry, Instance, RegistryBackend, UnknownInstance
 from consulate.control.registry.consul_agent import ConsulRegistry
 from consulate.control.registry.etcd import EtcdRegistry

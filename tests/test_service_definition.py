@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from consulate.control.registry.model import Instance
+from consulate.control.registry.model import HealthCheck, Instance
 from consulate.control.service_definition import (
     META_MAX_PAIRS,
     InvalidDefinition,
@@ -40,9 +40,12 @@ def test_consul_style_body_gives_every_field() -> None:
     })
     assert instance == Instance(
         id="web-1", name="web", address="10.0.0.5", port=8080, tags=("v1", "primary"),
-        meta={"version": "1.2", "zone_a": "x"}, ttl=15.0, node=NODE,
+        meta={"version": "1.2", "zone_a": "x"}, ttl=None, node=NODE,
+        checks=(HealthCheck(id="service:web-1", kind="ttl", name="alive", interval=0.0,
+                            ttl=15.0, status="critical"),),
         create_index=0, modify_index=0,
     )
+    assert instance.status == "critical"  # a TTL check is critical until its first pass
 
 
 def test_py_consul_lowercase_body() -> None:
@@ -54,7 +57,9 @@ def test_py_consul_lowercase_body() -> None:
     })
     assert instance == Instance(
         id="db-2", name="db", address="10.0.0.7", port=5432, tags=("primary",),
-        meta={"k": "v"}, ttl=10.0, node=NODE,
+        meta={"k": "v"}, node=NODE,
+        checks=(HealthCheck(id="service:db-2", kind="ttl", name="Service 'db' check",
+                            interval=0.0, ttl=10.0),),
     )
 
 
@@ -75,18 +80,35 @@ def test_empty_id_and_address_fall_back_to_defaults() -> None:
     assert (instance.id, instance.address) == ("web", AGENT_ADDRESS)
 
 
-def test_check_and_checks_give_the_smallest_ttl() -> None:
+def test_check_and_checks_are_numbered_as_consul_numbers_them() -> None:
     instance = parse({
-        "Name": "web", "Port": 80,
-        "Check": {"TTL": "30s"},
-        "Checks": [{"TTL": "1m"}, {"HTTP": "http://x/", "Interval": "5s"}, {"ttl": "500ms"}],
+        "ID": "web-1", "Name": "web", "Port": 80,
+        "Check": {"TTL": "30s", "Status": "passing"},
+        "Checks": [{"HTTP": "https://10.0.0.5/health", "Interval": "500ms", "Method": "head",
+                    "Header": {"X-A": ["1", "2"]}, "TLSSkipVerify": True, "Timeout": "2s"},
+                   {"TCP": "10.0.0.5:80", "Interval": "5s",
+                    "DeregisterCriticalServiceAfter": "1m", "CheckID": "tcp"},
+                   {"ScriptArgs": ["/bin/check", "-q"], "Interval": "1m", "Notes": "n"}],
     })
-    assert instance.ttl == 0.5
+    assert instance.checks == (
+        HealthCheck(id="service:web-1:1", kind="ttl", name="Service 'web' check",
+                    interval=0.0, ttl=30.0, status="passing"),
+        HealthCheck(id="service:web-1:2", kind="http", name="Service 'web' check",
+                    target="https://10.0.0.5/health", method="HEAD",
+                    header=(("X-A", "1"), ("X-A", "2")), tls_skip_verify=True,
+                    interval=1.0, timeout=2.0),  # raised to Consul's 1 s minimum
+        HealthCheck(id="tcp", kind="tcp", name="Service 'web' check", target="10.0.0.5:80",
+                    interval=5.0, deregister_after=60.0),
+        HealthCheck(id="service:web-1:4", kind="script", name="Service 'web' check",
+                    args=("/bin/check", "-q"), interval=60.0, notes="n"),
+    )
+    assert (instance.ttl, instance.status) == (None, "critical")
 
 
-def test_checks_without_ttl_give_no_ttl() -> None:
+def test_one_check_in_checks_is_not_numbered() -> None:
     instance = parse({"Name": "web", "Port": 80,
                       "Checks": [{"HTTP": "http://10.0.0.5/health", "Interval": "10s"}]})
+    assert [c.id for c in instance.checks] == ["service:web"]
     assert instance.ttl is None
 
 
@@ -251,7 +273,7 @@ def test_meta_not_an_object() -> None:
 @pytest.mark.parametrize("ttl", ["0s", "0ms", "0h0m0s"])
 def test_zero_ttl_is_rejected(ttl: str) -> None:
     assert rejection({"Name": "web", "Port": 80, "Check": {"TTL": ttl}}) == (
-        f"check TTL {ttl!r} must be longer than zero"
+        f"check TTL {ttl!r} must be a duration longer than zero, like '10s'"
     )
 
 

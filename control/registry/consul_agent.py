@@ -1,10 +1,11 @@
 """The consul backend: the registry kept by a Consul agent, through its HTTP API.
 
 For sites that already run Consul: instances are Consul services registered
-through the agent (a Consul TTL check carries the instance's TTL, and a
-heartbeat passes it), reads come from the catalog, KV is Consul's KV with its
-check-and-set, and the index is Consul's X-Consul-Index. The client is
-py-consul's asyncio one.
+through the agent with their health checks (a liveness TTL is a TTL check
+``liveness:<id>`` that a heartbeat passes; once it goes critical the instance
+counts as gone), reads come from the health endpoint (so checks' results come
+along), KV is Consul's KV with its check-and-set, and the index is Consul's
+X-Consul-Index. The client is py-consul's asyncio one.
 
 Consul has no change stream: ``watch`` long-polls the catalog (a blocking query
 on the service list, which moves on every catalog write) and emits the
@@ -24,6 +25,7 @@ import aiohttp
 import consul
 import consul.aio
 
+from consulate.control.health.consul_json import check_from_entry, registration_check
 from consulate.control.registry.model import (
     Change,
     Instance,
@@ -41,16 +43,35 @@ RETRY_DELAY = 1.0  # after the agent could not be reached
 T = TypeVar("T")
 
 
+def liveness_check_id(instance_id: str) -> str:
+    """The TTL check that carries a Discoverd-style liveness TTL in Consul."""
+    return f"liveness:{instance_id}"
+
+
+def _live(entry: dict[str, Any]) -> bool:
+    """False once the liveness TTL ran out: to the registry the instance is gone
+    (Consul deregisters it later, after DeregisterCriticalServiceAfter)."""
+    liveness = liveness_check_id(entry["Service"]["ID"])
+    return not any(c.get("CheckID") == liveness and c.get("Status") == "critical"
+                   for c in entry.get("Checks") or ())
+
+
 def _instance(entry: dict[str, Any]) -> Instance:
-    weights = entry.get("ServiceWeights") or {}
+    """An instance from one ``/v1/health/service`` element, with its checks' results."""
+    service = entry["Service"]
+    weights = service.get("Weights") or {}
+    checks = tuple(check_from_entry(c) for c in entry.get("Checks") or ()
+                   if c.get("ServiceID") == service["ID"])
+    liveness = next((c for c in checks if c.id == liveness_check_id(service["ID"])), None)
     return Instance(
-        id=entry["ServiceID"], name=entry["ServiceName"],
-        address=entry.get("ServiceAddress") or entry.get("Address", ""),
-        port=int(entry["ServicePort"]), tags=tuple(entry.get("ServiceTags") or ()),
-        meta=dict(entry.get("ServiceMeta") or {}), node=entry.get("Node", ""),
+        id=service["ID"], name=service["Service"],
+        address=service.get("Address") or entry["Node"].get("Address", ""),
+        port=int(service["Port"]), tags=tuple(service.get("Tags") or ()),
+        meta=dict(service.get("Meta") or {}), node=entry["Node"].get("Node", ""),
         weight=int(weights.get("Passing", 1)), warning_weight=int(weights.get("Warning", 1)),
-        create_index=int(entry.get("CreateIndex", 0)),
-        modify_index=int(entry.get("ModifyIndex", 0)),
+        ttl=liveness.ttl if liveness is not None else None, checks=checks,
+        create_index=int(service.get("CreateIndex", 0)),
+        modify_index=int(service.get("ModifyIndex", 0)),
     )
 
 
@@ -90,12 +111,21 @@ class ConsulRegistry:
         old = await self.get(instance.id)
         if old is not None and old.same_registration(instance.indexed(0, 0)):
             return old
-        check = consul.Check.ttl(f"{instance.ttl}s") if instance.ttl is not None else None
+        checks = [registration_check(c) for c in instance.checks
+                  if c.id != liveness_check_id(instance.id)]
+        if instance.ttl is not None:
+            # Liveness as Consul has it: a TTL check that starts passing, goes
+            # critical (unrouted) when heartbeats stop, and deregisters the
+            # instance after as long again.
+            checks.insert(0, {"CheckID": liveness_check_id(instance.id),
+                              "Name": "liveness (TTL)", "TTL": f"{instance.ttl}s",
+                              "Status": "passing",
+                              "DeregisterCriticalServiceAfter": f"{instance.ttl}s"})
         await self._call("register", self._consul.agent.service.register(
             instance.name, service_id=instance.id, address=instance.address,
             port=instance.port, tags=list(instance.tags), meta=dict(instance.meta),
             weights={"Passing": instance.weight, "Warning": instance.warning_weight},
-            check=check))
+            check=checks[0] if checks else None, extra_checks=checks[1:]))
         stored = await self.get(instance.id)
         if stored is None:
             raise UnknownInstance(instance.id)
@@ -110,9 +140,9 @@ class ConsulRegistry:
     async def heartbeat(self, instance_id: str) -> None:
         if await self.get(instance_id) is None:
             raise UnknownInstance(instance_id)
-        with contextlib.suppress(consul.NotFound):  # an instance without a TTL check
-            await self._call("heartbeat",
-                             self._consul.agent.check.ttl_pass(f"service:{instance_id}"))
+        with contextlib.suppress(consul.NotFound):  # an instance without a liveness TTL
+            await self._call("heartbeat", self._consul.agent.check.ttl_pass(
+                liveness_check_id(instance_id)))
 
     # -- reads -----------------------------------------------------------------
 
@@ -122,14 +152,14 @@ class ConsulRegistry:
 
     async def instances(self, name: str | None = None) -> tuple[list[Instance], int]:
         if name is not None:
-            index, entries = await self._call("catalog", self._consul.catalog.service(name))
-            found = [_instance(e) for e in entries]
+            index, entries = await self._call("health", self._consul.health.service(name))
+            found = [_instance(e) for e in entries if _live(e)]
         else:
             index, services = await self._call("catalog", self._consul.catalog.services())
             found = []
             for service in sorted(services):
-                _, entries = await self._call("catalog", self._consul.catalog.service(service))
-                found += [_instance(e) for e in entries]
+                _, entries = await self._call("health", self._consul.health.service(service))
+                found += [_instance(e) for e in entries if _live(e)]
         found.sort(key=lambda i: i.id)
         return found, self._saw(index)
 

@@ -21,7 +21,14 @@ from collections import deque
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from consulate.control.registry.model import Change, Instance, KVEntry, UnknownInstance
+from consulate.control.registry.model import (
+    Change,
+    Instance,
+    KVEntry,
+    UnknownInstance,
+    instance_from_dict,
+    instance_to_dict,
+)
 from consulate.control.tasks import cancel_and_wait
 
 log = logging.getLogger("consulate.registry")
@@ -51,31 +58,11 @@ CREATE TABLE IF NOT EXISTS kv (
 
 
 def _to_row(instance: Instance) -> str:
-    return json.dumps(
-        {
-            "id": instance.id,
-            "name": instance.name,
-            "address": instance.address,
-            "port": instance.port,
-            "tags": list(instance.tags),
-            "meta": instance.meta,
-            "ttl": instance.ttl,
-            "node": instance.node,
-            "weight": instance.weight,
-            "warning_weight": instance.warning_weight,
-            "create_index": instance.create_index,
-            "modify_index": instance.modify_index,
-        },
-        sort_keys=True,
-    )
+    return json.dumps(instance_to_dict(instance), sort_keys=True)
 
 
 def _from_row(body: str) -> Instance:
-    """An instance from its JSON row; rows written before a field existed (such as
-    ``weight``) get the field's default, so older databases open unchanged."""
-    data = json.loads(body)
-    data["tags"] = tuple(data["tags"])
-    return Instance(**data)
+    return instance_from_dict(json.loads(body))
 
 
 class EmbeddedRegistry:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import dataclasses
 import json
 import logging
 import math
@@ -42,6 +41,8 @@ from consulate.control.registry.model import (
     RegistryUnavailable,
     UnknownInstance,
     changes_between,
+    instance_from_dict,
+    instance_to_dict,
 )
 
 log = logging.getLogger("consulate.registry.etcd")
@@ -57,14 +58,12 @@ _INDEX_FIELDS = {"create_index", "modify_index"}
 
 
 def _encode(instance: Instance) -> bytes:
-    body = {k: v for k, v in dataclasses.asdict(instance).items() if k not in _INDEX_FIELDS}
+    body = {k: v for k, v in instance_to_dict(instance).items() if k not in _INDEX_FIELDS}
     return json.dumps(body, sort_keys=True).encode()
 
 
 def _decode(value: bytes, create_revision: int, mod_revision: int) -> Instance:
-    body = json.loads(value)
-    body["tags"] = tuple(body.get("tags", ()))
-    return Instance(**body).indexed(create_revision, mod_revision)
+    return instance_from_dict(json.loads(value)).indexed(create_revision, mod_revision)
 
 
 def _kv_entry(key: str, kv: Any) -> KVEntry:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
-from typing import Literal
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Literal
 
 
 class RegistryError(Exception):
@@ -23,6 +23,51 @@ class UnknownInstance(RegistryError):
             "GET /v1/catalog/service/<name> or `consulate services`"
         )
         self.instance_id = instance_id
+
+
+CheckKind = Literal["ttl", "http", "tcp", "script"]
+CheckStatus = Literal["passing", "warning", "critical"]
+CHECK_STATUSES: tuple[CheckStatus, ...] = ("passing", "warning", "critical")  # best first
+
+
+@dataclass(frozen=True)
+class HealthCheck:
+    """One of an instance's health checks: Consul's model, run by the agent of its node.
+
+    ``kind`` says who decides the status: ``ttl`` checks are set by their
+    application through ``/v1/agent/check/pass|warn|fail`` and go critical when
+    no update comes within ``ttl``; ``http``, ``tcp`` and ``script`` checks are
+    probed by the agent every ``interval``. ``target`` is the URL (http) or
+    ``host:port`` (tcp); ``args`` the command (script). An instance critical for
+    ``deregister_after`` seconds is deregistered (Consul's
+    DeregisterCriticalServiceAfter). ``status`` and ``output`` are the last result.
+    """
+
+    id: str
+    kind: CheckKind
+    name: str = ""
+    target: str = ""
+    args: tuple[str, ...] = ()
+    method: str = "GET"
+    header: tuple[tuple[str, str], ...] = ()
+    tls_skip_verify: bool = False
+    interval: float = 10.0
+    timeout: float = 10.0
+    ttl: float | None = None
+    deregister_after: float | None = None
+    notes: str = ""
+    status: CheckStatus = "critical"
+    output: str = ""
+
+    def same_definition(self, other: HealthCheck) -> bool:
+        """True when only the result differs: the check needs no restart."""
+        return replace(self, status="critical", output="") == replace(
+            other, status="critical", output="")
+
+
+def worst_status(checks: tuple[HealthCheck, ...]) -> CheckStatus:
+    """Consul's aggregate: critical over warning over passing; no checks is passing."""
+    return max((c.status for c in checks), key=CHECK_STATUSES.index, default="passing")
 
 
 @dataclass(frozen=True)
@@ -47,8 +92,41 @@ class Instance:
     node: str = ""
     weight: int = 1
     warning_weight: int = 1
+    checks: tuple[HealthCheck, ...] = ()
     create_index: int = 0
     modify_index: int = 0
+
+    @property
+    def status(self) -> CheckStatus:
+        return worst_status(self.checks)
+
+    @property
+    def routed_weight(self) -> int | None:
+        """The instance's weight in balancing and SRV answers, or None while it is
+        critical: Consul's DNS and health queries leave critical instances out and
+        give warning ones their Warning weight."""
+        status = self.status
+        if status == "critical":
+            return None
+        return self.warning_weight if status == "warning" else self.weight
+
+    def with_check_result(self, check_id: str, status: CheckStatus,
+                          output: str) -> Instance:
+        """The instance with one check's result replaced (indexes kept)."""
+        return replace(self, checks=tuple(
+            replace(c, status=status, output=output) if c.id == check_id else c
+            for c in self.checks))
+
+    def keeping_check_results(self, old: Instance | None) -> Instance:
+        """This registration with the results of ``old``'s checks whose definition is
+        unchanged: a re-registration (registrator's resync) must not reset health."""
+        if old is None or not old.checks:
+            return self
+        before = {c.id: c for c in old.checks}
+        return replace(self, checks=tuple(
+            replace(c, status=before[c.id].status, output=before[c.id].output)
+            if c.id in before and before[c.id].same_definition(c) else c
+            for c in self.checks))
 
     def indexed(self, create_index: int, modify_index: int) -> Instance:
         return replace(self, create_index=create_index, modify_index=modify_index)
@@ -97,3 +175,21 @@ class KVEntry:
     flags: int = 0
     create_index: int = 0
     modify_index: int = 0
+
+
+def instance_to_dict(instance: Instance) -> dict[str, Any]:
+    """The instance as JSON-ready data: the stored form of the embedded and etcd
+    backends."""
+    return asdict(instance)
+
+
+def instance_from_dict(data: dict[str, Any]) -> Instance:
+    """The inverse of ``instance_to_dict``; fields added since a record was written
+    (``weight``, ``checks``) take their defaults, so older records load unchanged."""
+    body = dict(data)
+    body["tags"] = tuple(body.get("tags", ()))
+    body["checks"] = tuple(
+        HealthCheck(**{**check, "args": tuple(check.get("args", ())),
+                       "header": tuple(tuple(pair) for pair in check.get("header", ()))})
+        for check in body.get("checks", ()))
+    return Instance(**body)

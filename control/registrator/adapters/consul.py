@@ -3,9 +3,10 @@ HTTP API (``/v1/agent/service/...``).
 
 ``consul://`` behaves as registrator's Consul backend, against a Consul agent or
 consulate's Consul-compatible API. ``consulate://`` is the adapter consulate's
-agent uses for itself: the same calls today, plus liveness, since in consulate
-a TTL check is a lease (``-ttl`` registers one, ``-ttl-refresh`` renews it);
-it keeps its own class so that it can move to the native registry API.
+agent uses for itself: the same calls, plus liveness: ``-ttl`` registers a TTL
+check ``liveness:<id>`` that ``-ttl-refresh`` passes; without refreshes the
+instance turns critical (unrouted) after the TTL and is deregistered after as
+long again. It keeps its own class so that it can move to the native registry API.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from consulate.control.registrator.adapters.base import Adapter
 from consulate.control.registrator.adapters.consul_http import ConsulHttp
 from consulate.control.registrator.checks import consul_meta, consul_registration
 from consulate.control.registrator.model import Service, is_own_id
+from consulate.control.registry.consul_agent import liveness_check_id
 
 log = logging.getLogger("consulate.registrator")
 
@@ -69,9 +71,13 @@ class ConsulateAdapter(ConsulAdapter):
     def body(self, service: Service) -> dict[str, object]:
         body = consul_registration(service)
         if service.ttl > 0:
-            body["Checks"] = [{"Name": "registrator liveness", "TTL": f"{service.ttl}s"}]
+            body["Checks"] = [{"CheckID": liveness_check_id(service.id),
+                               "Name": "registrator liveness", "TTL": f"{service.ttl}s",
+                               "Status": "passing",
+                               "DeregisterCriticalServiceAfter": f"{service.ttl}s"}]
         return body
 
     async def refresh(self, service: Service) -> None:
         if service.ttl > 0:
-            await self.http.call("PUT", f"/v1/agent/check/pass/service:{service.id}")
+            await self.http.call("PUT",
+                                 f"/v1/agent/check/pass/{liveness_check_id(service.id)}")
