@@ -97,3 +97,35 @@ def test_no_docker_socket_no_registrator(host: tuple[labmod.Lab, LabDocker, Path
     agent.stop()
     assert f"event=registrator state=off reason='no Docker socket at {tmp_path}/none.sock'" \
         in agent.log()
+
+
+def test_service_checks_are_run_by_the_agent(host: tuple[labmod.Lab, LabDocker, Path]) -> None:
+    """SERVICE_CHECK_HTTP becomes a check the agent probes: the container whose
+    port answers is passing, the one whose port has nothing behind it goes
+    critical and receives no traffic by name."""
+    lab, daemon, work = host
+    agent = start_agent(lab, daemon, work)
+    check = {"SERVICE_NAME": "web", "SERVICE_CHECK_HTTP": "/", "SERVICE_CHECK_INTERVAL": "1s"}
+    try:
+        daemon.run("web4", HTTPD, env=check, publish={"80/tcp": 8083})
+        daemon.run("web5", ["sleep", "3600"], env=check, publish={"80/tcp": 8084})
+        until(lambda: web_ids(agent) == ["h1:web4:80", "h1:web5:80"])
+
+        def statuses() -> dict[str, str]:
+            return {c["ServiceID"]: c["Status"]
+                    for c in agent.api("GET", "/v1/health/checks/web")}
+        until(lambda: statuses() == {"h1:web4:80": "passing", "h1:web5:80": "critical"},
+              timeout=20)
+        healthy = agent.api("GET", "/v1/health/service/web?passing")
+        assert [e["Service"]["ID"] for e in healthy] == ["h1:web4:80"]
+        assert healthy[0]["Checks"][0]["Output"] == (
+            f"HTTP GET http://{lab.bridge_ip(1)}:8083/: 200 OK Output: hello from docker\n")
+        for _ in range(4):  # round robin would alternate: only the passing one is routed
+            fetched = lab.exec("h1c1", ["wget", "-q", "-O-", "-T", "5",
+                                        "http://web.service.consul/"],
+                               capture_output=True, text=True, timeout=20)
+            assert (fetched.returncode, fetched.stdout) == (0, "hello from docker\n")
+    finally:
+        agent.stop()
+        for name in ("web4", "web5"):
+            daemon.api.remove_container(name, force=True)
