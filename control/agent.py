@@ -24,6 +24,7 @@ from consulate.control.api_context import ApiContext
 from consulate.control.config import AgentConfig, ConfigError
 from consulate.control.health.runner import HealthRunner
 from consulate.control.http_api import build_app
+from consulate.control.local_services import LocalServices
 from consulate.control.registrator.agentmode import AgentRegistrator
 from consulate.control.registry import Change, Instance
 from consulate.control.registry.hub import WatchHub
@@ -93,6 +94,8 @@ class Agent:
             ) from None
         self.registry = open_registry(parse_location(config.registry), config.data_dir)
         self.hub = WatchHub(self.registry)
+        self.local = LocalServices(self.registry, config.data_dir / "services.json",
+                                   config.liveness_ttl)
         self.table = RouteTable(VipAllocator(config.vip_cidr, config.data_dir / "vips.json"))
         self.proxy = TransparentProxy(self.table, engine=_relay_engine(config),
                                       mark=config.mark, connect_timeout=config.connect_timeout)
@@ -113,6 +116,8 @@ class Agent:
         cfg = self.config
         self.registry.start()
         stack.push_async_callback(self.registry.close)
+        self.local.start()  # heartbeats, and re-registers what expired while it was down
+        stack.push_async_callback(self.local.close)
 
         changes = self.registry.watch()
         apply_change(self.table, await anext(changes))  # the snapshot, before any listener
@@ -160,7 +165,9 @@ class Agent:
             datacenter=cfg.datacenter, leader=f"{cfg.advertise}:{cfg.http_addr[1]}",
             self_info=self.self_info, token=cfg.token,
             health=HealthRunner(self.registry, cfg.node,
-                                scripts_enabled=cfg.enable_script_checks),
+                                scripts_enabled=cfg.enable_script_checks,
+                                on_deregister=self.local.removed),
+            local=self.local,
         )
 
     def self_info(self) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from aiohttp import web
 from consulate.control.blocking import blocking_query
 from consulate.control.filter_expr import FilterError, compile_filter
 from consulate.control.health.runner import HealthRunner
+from consulate.control.local_services import LocalServices
 from consulate.control.registry import RegistryBackend
 
 
@@ -21,6 +22,7 @@ class ApiContext:
 
     ``health`` runs the checks of this node's instances; it is made here when the
     caller brings none, so every API (a test's too) runs the checks it accepts.
+    ``local`` (the agent's) keeps what is registered through this API alive.
     """
 
     def __init__(
@@ -34,6 +36,7 @@ class ApiContext:
         self_info: Callable[[], dict[str, Any]],
         token: str = "",
         health: HealthRunner | None = None,
+        local: LocalServices | None = None,
     ) -> None:
         self.registry = registry
         self.token = token  # "": writes need none (the API listens on loopback only)
@@ -43,6 +46,7 @@ class ApiContext:
         self.leader = leader
         self.self_info = self_info
         self.health = health if health is not None else HealthRunner(registry, node)
+        self.local = local  # None: registrations are the caller's to keep alive
 
 
 CONTEXT = web.AppKey("context", ApiContext)

@@ -25,6 +25,7 @@ from consulate.control.config import (
     parse_hostport,
     parse_mark,
     parse_node_meta,
+    parse_positive_seconds,
     parse_recursor,
     parse_seconds,
     parse_service_ttl,
@@ -136,6 +137,9 @@ def _add_agent(sub: Any) -> None:
               "registers (default: DOCKER_HOST, else unix:///var/run/docker.sock)")
     _env_flag(p, "--registrator-flags", "", "registrator options, as `consulate registrator "
               "-h` lists them (the agent sets -cleanup -resync 30 -ip <advertise>)")
+    _env_flag(p, "--liveness-ttl", "10s", "how long what this agent registered outlives it: "
+              "the agent heartbeats its instances every third of it; a host that dies or "
+              "is cut off leaves every route within it")
     p.add_argument("--enable-script-checks", action="store_true",
                    default=_env_bool("CONSULATE_ENABLE_SCRIPT_CHECKS"),
                    help="run health checks that execute commands (Consul's Args checks; "
@@ -168,6 +172,7 @@ def _agent_config(args: argparse.Namespace) -> AgentConfig:
         registrator=not args.no_registrator, docker_host=args.docker_host,
         registrator_flags=args.registrator_flags,
         enable_script_checks=args.enable_script_checks,
+        liveness_ttl=parse_positive_seconds("--liveness-ttl", args.liveness_ttl),
     )
 
 

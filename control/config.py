@@ -83,6 +83,18 @@ def parse_seconds(flag: str, text: str) -> int:
     return int(seconds)
 
 
+def parse_positive_seconds(flag: str, text: str) -> float:
+    """A duration longer than zero, as seconds (``2.5``) or Go's form (``10s``, ``1m``)."""
+    try:
+        seconds = float(text) if text.replace(".", "", 1).isdigit() else parse_duration(text)
+    except InvalidDefinition:
+        seconds = 0.0
+    if seconds <= 0:
+        raise ConfigError(f"{flag} {text!r} is not a duration longer than zero "
+                          "(for example 10s or 2.5)")
+    return seconds
+
+
 def parse_service_ttl(text: str) -> tuple[str, int]:
     """``--service-ttl NAME=SECONDS``: NAME is a service, a ``prefix*`` or ``*``."""
     pattern, sep, value = text.partition("=")
@@ -147,6 +159,7 @@ class AgentConfig:
     docker_host: str = ""  # "": DOCKER_HOST, else unix:///var/run/docker.sock
     registrator_flags: str = ""  # registrator options, as `consulate registrator` takes them
     enable_script_checks: bool = False  # run Args health checks (Consul's flag)
+    liveness_ttl: float = 10.0  # what this agent registers leaves the registry after it
 
     def validate(self) -> None:
         try:

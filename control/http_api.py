@@ -53,16 +53,23 @@ async def register_service(request: web.Request) -> web.Response:
     if not ctx.health.scripts_enabled and any(c.kind == "script" for c in instance.checks):
         raise _bad_request("Scripts are disabled on this agent; to enable them, start it "
                            "with --enable-script-checks")
+    if ctx.local is not None:
+        instance = ctx.local.owned(instance)
     stored = await ctx.registry.register(
         instance.keeping_check_results(await ctx.registry.get(instance.id)))
+    if ctx.local is not None:
+        ctx.local.added(stored)
     ctx.health.observe(stored)
     return web.Response()
 
 
 async def deregister_service(request: web.Request) -> web.Response:
     ctx = request.app[CONTEXT]
+    instance_id = request.match_info["service_id"]
+    if ctx.local is not None:
+        ctx.local.removed(instance_id)
     try:
-        await ctx.registry.deregister(request.match_info["service_id"])
+        await ctx.registry.deregister(instance_id)
     except UnknownInstance as exc:
         raise web.HTTPNotFound(text=str(exc)) from None
     return web.Response()

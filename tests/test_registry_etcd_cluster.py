@@ -6,6 +6,7 @@ serving reads and writes through the others and every agent keeps up.
 
 from __future__ import annotations
 
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 
@@ -19,6 +20,7 @@ from consulate.control.labagent import LabAgent
 pytestmark = pytest.mark.lab
 
 HOSTS = (1, 2, 3)
+LIVENESS_TTL = 3.0  # the agents' --liveness-ttl: a cut-off host's instances leave after it
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +39,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory
             registry = "etcd://" + ",".join(f"{lab.host_ip(i)}:2379" for i in HOSTS)
             for i in HOSTS:
                 agents[i] = LabAgent(lab, i, work / f"agent-h{i}", work / f"agent-h{i}.log",
-                                     extra_args=["--registry", registry]).start()
+                                     extra_args=["--registry", registry, "--liveness-ttl",
+                                                 f"{LIVENESS_TTL}s"]).start()
             yield lab, members, agents
         finally:
             for agent in agents.values():
@@ -107,5 +110,42 @@ def test_a_container_reaches_instances_on_other_hosts_by_name(
         results = peers.connect("h1c1", "echo.service.consul", 7000, count=4, size=10_000)
         assert [r["ok"] for r in results] == [True] * 4
         assert {r["id"] for r in results} == {"echo-h2", "echo-h3"}  # both hosts serve
+    finally:
+        peers.stop_all()
+
+
+def _link(lab: labmod.Lab, host: int, state: str) -> None:
+    """Cut a host off the lab's fabric (or plug it back): its veth's far end."""
+    subprocess.run(["ip", "-n", lab.fabric_ns, "link", "set", f"h{host}", state], check=True)
+
+
+def test_a_host_cut_off_leaves_the_routes_within_the_ttl_and_comes_back(
+    cluster: tuple[labmod.Lab, dict[int, EtcdProcess], dict[int, LabAgent]],
+) -> None:
+    lab, _, agents = cluster
+    peers = Peers(lab)
+    try:
+        for i in (2, 3):
+            peers.serve(f"h{i}c1", f"cut-h{i}", 7100)
+            agents[i].register("cut", f"cut-h{i}", lab.container_ip(i, 1), 7100)
+        _until(lambda: _endpoints(agents[1], "cut") == 2)
+        _link(lab, 3, "down")
+        try:
+            cut_at = time.monotonic()
+            # The agent of h3 can no longer renew its instances' leases: the etcd
+            # majority (h1, h2) expires them. TTL + 2 s is the target; the wait
+            # allows for an etcd leader election on a busy machine.
+            _until(lambda: _endpoints(agents[1], "cut") == 1, LIVENESS_TTL + 10)
+            print(f"h3's instance left h1's routes {time.monotonic() - cut_at:.2f}s after "
+                  f"the cut (TTL {LIVENESS_TTL:g}s)")
+            results = peers.connect("h1c1", "cut.service.consul", 7100, count=4, size=1000)
+            assert [(r["ok"], r["id"]) for r in results] == [(True, "cut-h2")] * 4
+        finally:
+            _link(lab, 3, "up")
+        # Back: the agent of h3 finds its registration gone and registers it again.
+        _until(lambda: _endpoints(agents[1], "cut") == 2, 30)
+        assert "event=re-register id=cut-h3" in agents[3].log()
+        results = peers.connect("h1c1", "cut.service.consul", 7100, count=4, size=1000)
+        assert {r["id"] for r in results} == {"cut-h2", "cut-h3"}
     finally:
         peers.stop_all()

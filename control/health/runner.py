@@ -63,8 +63,10 @@ class HealthRunner:
 
     def __init__(self, registry: RegistryBackend, node: str, *,
                  scripts_enabled: bool = False,
+                 on_deregister: Callable[[str], None] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._registry = registry
+        self._on_deregister = on_deregister  # the agent forgets it too: no re-registration
         self.node = node
         self.scripts_enabled = scripts_enabled
         self._clock = clock
@@ -258,6 +260,8 @@ class HealthRunner:
     async def _deregister(self, monitor: _Monitor) -> None:
         log.info("event=deregister-critical instance=%s check_id=%s after=%gs",
                  monitor.instance_id, monitor.check.id, monitor.check.deregister_after or 0)
+        if self._on_deregister is not None:
+            self._on_deregister(monitor.instance_id)
         with contextlib.suppress(UnknownInstance):
             try:
                 await self._registry.deregister(monitor.instance_id)

@@ -1,0 +1,140 @@
+"""The instances registered through this agent, kept alive and restored.
+
+A Consul agent owns the services registered with it: it keeps them in its
+local state and syncs them to the catalog (anti-entropy), and when its node
+fails they go with it. consulate does the same with the registry's liveness
+TTL: every instance registered through this agent's API carries the agent's
+TTL and the agent heartbeats them all every TTL/3, so when the host dies or is
+cut off, its instances leave every other host's routes within the TTL; when it
+comes back, whatever expired meanwhile is registered again from the copy kept
+here (and in ``services.json``, so that a restarted agent restores them too).
+
+An instance the registry lost although its last heartbeat is recent cannot
+have expired: someone deregistered it (through another agent, or the registry
+itself), so it is forgotten here rather than resurrected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+from consulate.control.registry.backend import RegistryBackend
+from consulate.control.registry.model import (
+    Instance,
+    RegistryError,
+    RegistryUnavailable,
+    UnknownInstance,
+    instance_from_dict,
+    instance_to_dict,
+)
+from consulate.control.tasks import cancel_and_wait
+
+log = logging.getLogger("consulate.local")
+
+DEFAULT_TTL = 10.0  # Discoverd's default TTL
+# A lease renewed less than this share of the TTL ago cannot have run out.
+EXPIRY_MARGIN = 0.8
+
+
+class LocalServices:
+    """The agent's own registrations: liveness for each, re-registration after loss."""
+
+    def __init__(self, registry: RegistryBackend, path: Path, ttl: float = DEFAULT_TTL, *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._registry = registry
+        self._clock = clock
+        self._renewed: dict[str, float] = {}  # id -> when the registry last confirmed it
+        self._path = path
+        self.ttl = ttl
+        self._held: dict[str, Instance] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._outage = False
+        if path.exists():
+            try:
+                self._held = {i.id: i for i in map(instance_from_dict, json.loads(
+                    path.read_text()))}
+            except (OSError, ValueError, TypeError, KeyError) as exc:
+                log.warning("event=local-services-unreadable path=%s error=%r: starting "
+                            "without them (registrator's resync registers containers again)",
+                            path, exc)
+
+    def owned(self, instance: Instance) -> Instance:
+        """The registration as this agent stores it: with the agent's liveness TTL."""
+        return instance if instance.ttl is not None else replace(instance, ttl=self.ttl)
+
+    def added(self, instance: Instance) -> None:
+        self._held[instance.id] = instance.indexed(0, 0)
+        self._renewed[instance.id] = self._clock()
+        self._save()
+
+    def removed(self, instance_id: str) -> None:
+        self._renewed.pop(instance_id, None)
+        if self._held.pop(instance_id, None) is not None:
+            self._save()
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._keep_alive())
+
+    async def close(self) -> None:
+        if self._task is not None:
+            await cancel_and_wait(self._task)
+            self._task = None
+
+    async def _keep_alive(self) -> None:
+        while True:
+            await self.sync()
+            await asyncio.sleep(self.ttl / 3)
+
+    async def sync(self) -> None:
+        """Heartbeat every held instance; register again the ones the registry lost."""
+        for instance in list(self._held.values()):
+            try:
+                try:
+                    await self._registry.heartbeat(instance.id)
+                except UnknownInstance:
+                    await self._lost(instance)
+                else:
+                    self._renewed[instance.id] = self._clock()
+            except RegistryUnavailable as exc:
+                if not self._outage:
+                    log.warning("event=heartbeat-failed error=%s: retrying every %.1fs",
+                                exc, self.ttl / 3)
+                self._outage = True
+                return
+            except RegistryError as exc:
+                log.warning("event=heartbeat-failed id=%s error=%s", instance.id, exc)
+        if self._outage:
+            log.info("event=heartbeat-resumed instances=%d", len(self._held))
+        self._outage = False
+
+    async def _lost(self, instance: Instance) -> None:
+        if instance.id not in self._held:
+            return  # deregistered through this agent meanwhile
+        renewed = self._renewed.get(instance.id)
+        if renewed is not None and self._clock() - renewed < self.ttl * EXPIRY_MARGIN:
+            self.removed(instance.id)
+            log.info("event=forget id=%s service=%s reason='deregistered elsewhere: its "
+                     "lease was still running'", instance.id, instance.name)
+            return
+        await self._registry.register(instance)
+        self._renewed[instance.id] = self._clock()
+        log.info("event=re-register id=%s service=%s reason='the registry lost it (expired "
+                 "while this host was away or down)'", instance.id, instance.name)
+
+    def _save(self) -> None:
+        """Write the copy atomically: a crash leaves the old file or the new one."""
+        temporary = self._path.with_suffix(".tmp")
+        temporary.write_text(json.dumps([instance_to_dict(i) for i in self._held.values()],
+                                        sort_keys=True))
+        os.replace(temporary, self._path)

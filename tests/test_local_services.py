@@ -1,0 +1,132 @@
+"""The agent's own registrations (control/local_services.py): liveness by heartbeat,
+re-registration after an expiry, no resurrection of a deliberate deregistration,
+the copy kept on disk; against the real embedded registry (and a Consul API that
+is not there, for the outage)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from apiclient import Api, make_context
+
+from consulate.control.http_api import build_app
+from consulate.control.local_services import LocalServices
+from consulate.control.registry import EmbeddedRegistry, Instance
+from consulate.control.registry.consul_agent import ConsulRegistry
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+WEB = Instance(id="web-1", name="web", address="10.0.0.5", port=80, node="h1")
+
+
+async def test_owned_instances_carry_the_agent_ttl_and_heartbeats_renew_them(
+        tmp_path: Path) -> None:
+    registry = EmbeddedRegistry(tmp_path / "registry.db")
+    local = LocalServices(registry, tmp_path / "services.json", ttl=10.0)
+    assert local.owned(WEB).ttl == 10.0
+    assert local.owned(Instance(id="x", name="x", address="10.0.0.1", port=1, ttl=3.0)).ttl == 3.0
+    stored = await registry.register(local.owned(WEB))
+    local.added(stored)
+    index = registry.index
+    await local.sync()
+    assert registry.index == index  # a heartbeat is no write
+    assert json.loads((tmp_path / "services.json").read_text())[0]["id"] == "web-1"
+    await registry.close()
+
+
+async def test_an_expired_instance_is_registered_again(tmp_path: Path,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    clock = Clock()
+    registry = EmbeddedRegistry(tmp_path / "registry.db")
+    local = LocalServices(registry, tmp_path / "services.json", ttl=10.0, clock=clock)
+    local.added(await registry.register(local.owned(WEB)))
+    await registry.deregister("web-1")  # what the reaper does once the TTL ran out
+    clock.now += 10.0  # ... which needs a TTL without heartbeats
+    with caplog.at_level(logging.INFO, "consulate.local"):
+        await local.sync()
+    assert [i.id for i in (await registry.instances())[0]] == ["web-1"]
+    assert "event=re-register id=web-1 service=web" in caplog.text
+    await registry.close()
+
+
+async def test_a_deregistration_elsewhere_is_not_undone(tmp_path: Path,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    clock = Clock()
+    registry = EmbeddedRegistry(tmp_path / "registry.db")
+    local = LocalServices(registry, tmp_path / "services.json", ttl=10.0, clock=clock)
+    local.added(await registry.register(local.owned(WEB)))
+    clock.now += 2.0
+    await registry.deregister("web-1")  # through another agent: the lease was running
+    with caplog.at_level(logging.INFO, "consulate.local"):
+        await local.sync()
+    assert (await registry.instances())[0] == []
+    assert len(local) == 0
+    assert json.loads((tmp_path / "services.json").read_text()) == []
+    assert "event=forget id=web-1 service=web" in caplog.text
+    await registry.close()
+
+
+async def test_a_restarted_agent_restores_what_it_registered(tmp_path: Path) -> None:
+    first = EmbeddedRegistry(tmp_path / "a.db")
+    local = LocalServices(first, tmp_path / "services.json")
+    local.added(await first.register(local.owned(WEB)))
+    await first.close()
+    fresh = EmbeddedRegistry(tmp_path / "b.db")  # the registry lost everything meanwhile
+    restarted = LocalServices(fresh, tmp_path / "services.json")
+    await restarted.sync()
+    [instance], _ = await fresh.instances()
+    assert instance.indexed(0, 0) == local.owned(WEB)
+    await fresh.close()
+
+
+async def test_an_unreadable_copy_is_reported_and_skipped(tmp_path: Path,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    (tmp_path / "services.json").write_text("{not json")
+    registry = EmbeddedRegistry(tmp_path / "registry.db")
+    with caplog.at_level(logging.WARNING, "consulate.local"):
+        local = LocalServices(registry, tmp_path / "services.json")
+    assert len(local) == 0
+    assert "event=local-services-unreadable" in caplog.text
+    await registry.close()
+
+
+async def test_a_registry_outage_is_logged_once_and_survived(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # No Consul server runs here: port 1 on loopback refuses, as a registry that is down.
+    registry = ConsulRegistry("127.0.0.1", 1)
+    local = LocalServices(registry, tmp_path / "services.json")
+    local.added(local.owned(WEB))
+    with caplog.at_level(logging.INFO, "consulate.local"):
+        await local.sync()
+        await local.sync()
+    assert caplog.text.count("event=heartbeat-failed") == 1
+    assert "consul agent at 127.0.0.1:1 is not answering" in caplog.text
+    assert len(local) == 1  # nothing lost: it is registered again once the registry is back
+    await registry.close()
+
+
+async def test_the_api_registers_owned_instances_and_forgets_deregistered_ones(
+        tmp_path: Path) -> None:
+    registry = EmbeddedRegistry(tmp_path / "registry.db")
+    context = make_context(registry)
+    context.local = LocalServices(registry, tmp_path / "services.json", ttl=7.0)
+    async with TestClient(TestServer(build_app(context))) as client:
+        api = Api(client, registry)
+        assert await api.put("/v1/agent/service/register",
+                             {"ID": "web-1", "Name": "web", "Port": 80}) == (200, "")
+        assert (await registry.get("web-1")).ttl == 7.0  # type: ignore[union-attr]
+        assert len(context.local) == 1
+        assert await api.put("/v1/agent/service/deregister/web-1") == (200, "")
+        assert len(context.local) == 0
+    await registry.close()
