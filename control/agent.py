@@ -92,7 +92,8 @@ class Agent:
                 f"--data-dir {str(config.data_dir)!r} is not usable ({exc.strerror}): "
                 "choose a writable directory"
             ) from None
-        self.registry = open_registry(parse_location(config.registry), config.data_dir)
+        self.registry = open_registry(parse_location(config.registry), config.data_dir,
+                                      token=config.token)
         self.hub = WatchHub(self.registry)
         self.local = LocalServices(self.registry, config.data_dir / "services.json",
                                    config.liveness_ttl)
@@ -185,6 +186,7 @@ class Agent:
             "Member": {"Name": cfg.node, "Addr": cfg.advertise, "Port": cfg.http_addr[1],
                        "Status": 1},
             "Stats": {
+                "registry": {"location": cfg.registry, "owned_instances": len(self.local)},
                 "agent": {"pid": os.getpid(), "ready": self.ready,
                           "uptime_seconds": round(time.time() - self.started_at, 3)},
                 "routes": {"version": self.table.version,

@@ -90,6 +90,8 @@ def _add_agent(sub: Any) -> None:
     _env_flag(p, "--registry", defaults.registry, "where the registry lives: embedded (in "
               "--data-dir), etcd://HOST:PORT[,HOST:PORT...][/PREFIX] (shared by many hosts) "
               "or consul://HOST:PORT (a Consul agent)")
+    _env_flag(p, "--join", "", "use the embedded registry of the agent at HOST:PORT (its "
+              "HTTP API; the same as --registry http://HOST:PORT)")
     _env_flag(p, "--advertise", defaults.advertise, "this host's address for other hosts")
     _env_flag(p, "--token", "", "token every write to the HTTP API must carry (X-Consul-Token "
               "or Authorization: Bearer); required when --http-addr is not on loopback")
@@ -156,7 +158,7 @@ def _agent_config(args: argparse.Namespace) -> AgentConfig:
         dns_addrs=[parse_hostport("--dns-addr", a) for a in args.dns_addr.split(",") if a],
         domain=args.domain, proxy_addr=parse_hostport("--proxy-addr", args.proxy_addr),
         vip_cidr=args.vip_cidr, mark=parse_mark(args.mark), iptables=not args.no_iptables,
-        connect_timeout=args.connect_timeout, relay=args.relay, registry=args.registry,
+        connect_timeout=args.connect_timeout, relay=args.relay, registry=_registry_of(args),
         token=args.token,
         alt_domain=args.alt_domain, dns_a=args.dns_a, udp_max=args.udp_max,
         recursors=[parse_recursor(r) for r in _listed(args.recursor, "--recursor")],
@@ -174,6 +176,16 @@ def _agent_config(args: argparse.Namespace) -> AgentConfig:
         enable_script_checks=args.enable_script_checks,
         liveness_ttl=parse_positive_seconds("--liveness-ttl", args.liveness_ttl),
     )
+
+
+def _registry_of(args: argparse.Namespace) -> str:
+    """``--registry``, or the agent ``--join`` names (not both)."""
+    if not args.join:
+        return str(args.registry)
+    if args.registry != "embedded":
+        raise CliError(f"--join {args.join} and --registry {args.registry}: give one of them")
+    host, port = parse_hostport("--join", args.join)
+    return f"http://{host}:{port}"
 
 
 def _cmd_agent(args: argparse.Namespace) -> int:

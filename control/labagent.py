@@ -35,6 +35,7 @@ class LabAgent:
     data_dir: Path
     log_path: Path
     extra_args: list[str] = field(default_factory=list)
+    token: str = ""  # given to the agent with --token and sent with every API call
     process: subprocess.Popen[bytes] | None = None
     _log: IO[bytes] | None = None
 
@@ -50,6 +51,7 @@ class LabAgent:
             "--node", f"h{self.host}",
             "--advertise", self.lab.bridge_ip(self.host),
             "--dns-addr", f"127.0.0.1:8600,{self.lab.bridge_ip(self.host)}:53",
+            *(["--token", self.token] if self.token else []),
             *self.extra_args,
         ]
         self.process = self.lab.popen(self.where, argv, stdout=self._log, stderr=self._log)
@@ -78,11 +80,13 @@ class LabAgent:
         script = (
             "import sys,urllib.request as u\n"
             "d=sys.stdin.buffer.read() or None\n"
-            "r=u.Request(sys.argv[1],data=d,method=sys.argv[2])\n"
+            "h={'X-Consul-Token':sys.argv[3]} if sys.argv[3] else {}\n"
+            "r=u.Request(sys.argv[1],data=d,method=sys.argv[2],headers=h)\n"
             "sys.stdout.buffer.write(u.urlopen(r,timeout=5).read())\n"
         )
         done = self.lab.exec(
-            self.where, [sys.executable, "-c", script, f"http://127.0.0.1:8500{path}", method],
+            self.where, [sys.executable, "-c", script, f"http://127.0.0.1:8500{path}", method,
+                         self.token],
             input=json.dumps(body).encode() if body is not None else b"",
             capture_output=True, timeout=15,
         )

@@ -6,13 +6,12 @@ serving reads and writes through the others and every agent keeps up.
 
 from __future__ import annotations
 
-import subprocess
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 from conftest import Peers
 from etcdproc import EtcdProcess
+from multihost import cut_off_and_back, endpoints, until
 
 from consulate.control import lab as labmod
 from consulate.control.labagent import LabAgent
@@ -49,19 +48,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory
                 member.stop()
 
 
-def _until(check: Callable[[], bool], timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "not reached in time"
-        time.sleep(0.05)
-
-
-def _endpoints(agent: LabAgent, service: str) -> int:
-    """How many endpoints the agent's route table holds for ``service``."""
-    routes = agent.api("GET", "/v1/agent/self")["Stats"]["routes"]["services"]
-    return int(routes.get(service, {}).get("endpoints", 0))
-
-
 def _ids(agent: LabAgent, service: str) -> list[str]:
     return [e["ServiceID"] for e in agent.api("GET", f"/v1/catalog/service/{service}")]
 
@@ -72,14 +58,14 @@ def test_a_registration_on_one_host_is_seen_by_every_agent(
     lab, _, agents = cluster
     agents[1].register("web", "web-1", lab.container_ip(1, 1), 80)
     for i in HOSTS:
-        _until(lambda i=i: _ids(agents[i], "web") == ["web-1"])  # type: ignore[misc]
+        until(lambda i=i: _ids(agents[i], "web") == ["web-1"])  # type: ignore[misc]
     # Each agent's route table follows: the service has a VIP everywhere.
     for i in HOSTS:
-        _until(lambda i=i: "web" in agents[i].api(  # type: ignore[misc]
+        until(lambda i=i: "web" in agents[i].api(  # type: ignore[misc]
             "GET", "/v1/agent/self")["Stats"]["routes"]["services"])
     agents[3].api("PUT", "/v1/agent/service/deregister/web-1")
     for i in HOSTS:
-        _until(lambda i=i: _ids(agents[i], "web") == [])  # type: ignore[misc]
+        until(lambda i=i: _ids(agents[i], "web") == [])  # type: ignore[misc]
 
 
 def test_one_member_down_the_registry_keeps_serving(
@@ -90,7 +76,7 @@ def test_one_member_down_the_registry_keeps_serving(
     try:
         agents[2].register("api", "api-1", lab.container_ip(2, 1), 8080)
         for i in HOSTS:
-            _until(lambda i=i: _ids(agents[i], "api") == ["api-1"], 20)  # type: ignore[misc]
+            until(lambda i=i: _ids(agents[i], "api") == ["api-1"], 20)  # type: ignore[misc]
         agents[1].api("PUT", "/v1/kv/config/mode", "active")
         assert agents[3].api("GET", "/v1/kv/config/mode?raw") == "active"
     finally:
@@ -106,7 +92,7 @@ def test_a_container_reaches_instances_on_other_hosts_by_name(
         for i in (2, 3):  # the instances run on h2 and h3, each registered by its agent
             peers.serve(f"h{i}c1", f"echo-h{i}", 7000)
             agents[i].register("echo", f"echo-h{i}", lab.container_ip(i, 1), 7000)
-        _until(lambda: _endpoints(agents[1], "echo") == 2)
+        until(lambda: endpoints(agents[1], "echo") == 2)
         results = peers.connect("h1c1", "echo.service.consul", 7000, count=4, size=10_000)
         assert [r["ok"] for r in results] == [True] * 4
         assert {r["id"] for r in results} == {"echo-h2", "echo-h3"}  # both hosts serve
@@ -114,38 +100,11 @@ def test_a_container_reaches_instances_on_other_hosts_by_name(
         peers.stop_all()
 
 
-def _link(lab: labmod.Lab, host: int, state: str) -> None:
-    """Cut a host off the lab's fabric (or plug it back): its veth's far end."""
-    subprocess.run(["ip", "-n", lab.fabric_ns, "link", "set", f"h{host}", state], check=True)
-
-
 def test_a_host_cut_off_leaves_the_routes_within_the_ttl_and_comes_back(
     cluster: tuple[labmod.Lab, dict[int, EtcdProcess], dict[int, LabAgent]],
 ) -> None:
     lab, _, agents = cluster
-    peers = Peers(lab)
-    try:
-        for i in (2, 3):
-            peers.serve(f"h{i}c1", f"cut-h{i}", 7100)
-            agents[i].register("cut", f"cut-h{i}", lab.container_ip(i, 1), 7100)
-        _until(lambda: _endpoints(agents[1], "cut") == 2)
-        _link(lab, 3, "down")
-        try:
-            cut_at = time.monotonic()
-            # The agent of h3 can no longer renew its instances' leases: the etcd
-            # majority (h1, h2) expires them. TTL + 2 s is the target; the wait
-            # allows for an etcd leader election on a busy machine.
-            _until(lambda: _endpoints(agents[1], "cut") == 1, LIVENESS_TTL + 10)
-            print(f"h3's instance left h1's routes {time.monotonic() - cut_at:.2f}s after "
-                  f"the cut (TTL {LIVENESS_TTL:g}s)")
-            results = peers.connect("h1c1", "cut.service.consul", 7100, count=4, size=1000)
-            assert [(r["ok"], r["id"]) for r in results] == [(True, "cut-h2")] * 4
-        finally:
-            _link(lab, 3, "up")
-        # Back: the agent of h3 finds its registration gone and registers it again.
-        _until(lambda: _endpoints(agents[1], "cut") == 2, 30)
-        assert "event=re-register id=cut-h3" in agents[3].log()
-        results = peers.connect("h1c1", "cut.service.consul", 7100, count=4, size=1000)
-        assert {r["id"] for r in results} == {"cut-h2", "cut-h3"}
-    finally:
-        peers.stop_all()
+    dropped_after = cut_off_and_back(lab, agents, "cut", LIVENESS_TTL)
+    print(f"h3's instance left h1's routes {dropped_after:.2f}s after the cut "
+          f"(TTL {LIVENESS_TTL:g}s)")
+    assert "event=re-register id=cut-h3" in agents[3].log()

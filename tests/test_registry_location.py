@@ -13,6 +13,7 @@ from consulate.control.registry.location import BadLocation, RegistryLocation, p
     ("etcd://10.99.0.10:2379,10.99.0.11:2379/mesh/",
      RegistryLocation("etcd", (("10.99.0.10", 2379), ("10.99.0.11", 2379)), "/mesh")),
     ("consul://127.0.0.1:8500", RegistryLocation("consul", (("127.0.0.1", 8500),))),
+    ("http://10.99.0.1:8500", RegistryLocation("consul", (("10.99.0.1", 8500),))),  # --join
 ])
 def test_good_locations(text: str, expected: RegistryLocation) -> None:
     assert parse_location(text) == expected
@@ -23,6 +24,7 @@ def test_good_locations(text: str, expected: RegistryLocation) -> None:
     ("etcd://", "use embedded, etcd://HOST:PORT"),
     ("consul://127.0.0.1:8500,127.0.0.2:8500", "a Consul agent is one HOST:PORT"),
     ("consul://127.0.0.1:8500/x", "a Consul agent is one HOST:PORT"),
+    ("http://127.0.0.1:8500,127.0.0.2:8500", "a Consul agent is one HOST:PORT"),
     ("etcd://127.0.0.1", "'127.0.0.1' is not HOST:PORT"),
     ("etcd://127.0.0.1:0", "'127.0.0.1:0' is not HOST:PORT"),
     ("etcd://etcd.local:2379", "'etcd.local' is not an IPv4 address"),

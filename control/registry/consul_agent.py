@@ -78,14 +78,14 @@ def _instance(entry: dict[str, Any]) -> Instance:
 class ConsulRegistry:
     """RegistryBackend on a Consul agent's HTTP API."""
 
-    def __init__(self, host: str, port: int = 8500) -> None:
+    def __init__(self, host: str, port: int = 8500, *, token: str = "") -> None:
         self._where = f"{host}:{port}"
         with warnings.catch_warnings():
             # py-consul's asyncio client still hands aiohttp its deprecated
             # verify_ssl/ssl_context arguments; nothing of TLS is used here.
             warnings.filterwarnings("ignore", "(verify_ssl|ssl_context) is deprecated",
                                     DeprecationWarning)
-            self._consul = consul.aio.Consul(host=host, port=port)
+            self._consul = consul.aio.Consul(host=host, port=port, token=token or None)
         self._index = 0
 
     def start(self) -> None:

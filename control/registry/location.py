@@ -4,7 +4,8 @@
 ``etcd://HOST:PORT[,HOST:PORT...][/PREFIX]`` puts it on an etcd v3 cluster, the
 way to share one registry between the agents of many hosts;
 ``consul://HOST:PORT`` uses a Consul agent's catalog and KV, for sites that run
-Consul already.
+Consul already; ``http://HOST:PORT`` the same API of another consulate agent and
+its embedded registry (``consulate agent --join HOST:PORT``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ if TYPE_CHECKING:
     from consulate.control.registry.consul_agent import ConsulRegistry
     from consulate.control.registry.etcd import EtcdRegistry
 
-USAGE = "embedded, etcd://HOST:PORT[,HOST:PORT...][/PREFIX] or consul://HOST:PORT"
+USAGE = ("embedded, etcd://HOST:PORT[,HOST:PORT...][/PREFIX], consul://HOST:PORT or "
+         "http://HOST:PORT (another agent)")
 
 
 class BadLocation(ValueError):
@@ -40,9 +42,9 @@ def parse_location(text: str) -> RegistryLocation:
     if text == "embedded":
         return RegistryLocation("embedded")
     parts = urlsplit(text)
-    if parts.scheme not in ("etcd", "consul") or not parts.netloc:
+    if parts.scheme not in ("etcd", "consul", "http") or not parts.netloc:
         raise BadLocation(f"--registry {text!r}: use {USAGE}")
-    if parts.scheme == "consul" and ("," in parts.netloc or parts.path.strip("/")):
+    if parts.scheme in ("consul", "http") and ("," in parts.netloc or parts.path.strip("/")):
         raise BadLocation(f"--registry {text!r}: a Consul agent is one HOST:PORT, "
                           "with no path (for example consul://127.0.0.1:8500)")
     endpoints = []
@@ -56,21 +58,22 @@ def parse_location(text: str) -> RegistryLocation:
         except ValueError:
             raise BadLocation(f"--registry {text!r}: {host!r} is not an IPv4 address") from None
         endpoints.append((host, int(port)))
-    if parts.scheme == "consul":
+    if parts.scheme in ("consul", "http"):  # an agent of either speaks Consul's API
         return RegistryLocation("consul", tuple(endpoints))
     prefix = parts.path.rstrip("/") or "/consulate"
     return RegistryLocation("etcd", tuple(endpoints), prefix)
 
 
-def open_registry(location: RegistryLocation,
-                  data_dir: Path) -> EmbeddedRegistry | EtcdRegistry | ConsulRegistry:
-    """The backend at ``location``; remote clients are imported only when asked for."""
+def open_registry(location: RegistryLocation, data_dir: Path, *, token: str = ""
+                  ) -> EmbeddedRegistry | EtcdRegistry | ConsulRegistry:
+    """The backend at ``location``; remote clients are imported only when asked for.
+    ``token`` goes with every call to a Consul-style agent (its writes need it)."""
     if location.kind == "embedded":
         return EmbeddedRegistry(data_dir / "registry.db")
     if location.kind == "consul":
         from consulate.control.registry.consul_agent import ConsulRegistry
 
-        return ConsulRegistry(*location.endpoints[0])
+        return ConsulRegistry(*location.endpoints[0], token=token)
     from consulate.control.registry.etcd import EtcdRegistry
 
     return EtcdRegistry(location.endpoints, location.prefix)
