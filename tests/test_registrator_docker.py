@@ -213,7 +213,9 @@ async def test_ttl_refresh_keeps_consulate_registrations_alive(
         await registered(store, expected)
         await asyncio.sleep(3)  # longer than the TTL: only the refreshes keep it
         assert await catalog(store) == expected
-        assert [i.ttl for i in (await store.registry.instances())[0]] == [2.0]
+        [instance], _ = await store.registry.instances()
+        assert [(c.id, c.kind, c.ttl, c.status) for c in instance.checks] == [
+            (f"liveness:{HOST}:web.0:80", "ttl", 2.0, "passing")]
     assert f"refreshed: {cid[:12]} {HOST}:web.0:80" in lines(caplog)
 
 
