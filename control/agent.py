@@ -13,7 +13,6 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -29,7 +28,7 @@ from consulate.control.registrator.agentmode import AgentRegistrator
 from consulate.control.registry import Change, Instance
 from consulate.control.registry.hub import WatchHub
 from consulate.control.registry.location import open_registry, parse_location
-from consulate.control.tasks import cancel_and_wait
+from consulate.control.supervisor import Supervisor
 from consulate.dns.answer import Responder
 from consulate.dns.server import DnsServer
 from consulate.proxy import iptables, localroute
@@ -43,6 +42,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("consulate.agent")
 
 VERSION = "0.1.0"
+ROUTES_STARTUP_WAIT = 5.0  # how long the start waits for the registry's first snapshot
 
 
 def endpoint_of(instance: Instance) -> Endpoint | None:
@@ -102,12 +102,14 @@ class Agent:
                                       mark=config.mark, connect_timeout=config.connect_timeout)
         dns_config = config.dns_config()
         self.dns = DnsServer(Responder(self.table, dns_config), dns_config)
-        self.ready = False
+        self.started = False
+        self.routes_synced = asyncio.Event()
+        self.supervisor = Supervisor()
 
     async def run(self, stop: asyncio.Event) -> None:
         async with contextlib.AsyncExitStack() as stack:
             await self._start(stack)
-            self.ready = True
+            self.started = True
             log.info("event=ready node=%s http=%s:%d proxy=%s:%d services=%d", self.config.node,
                      *self.config.http_addr, *self.config.proxy_addr, len(self.table.services()))
             await stop.wait()
@@ -120,10 +122,10 @@ class Agent:
         self.local.start()  # heartbeats, and re-registers what expired while it was down
         stack.push_async_callback(self.local.close)
 
-        changes = self.registry.watch()
-        apply_change(self.table, await anext(changes))  # the snapshot, before any listener
-        watcher = asyncio.get_running_loop().create_task(self._follow(changes))
-        stack.push_async_callback(cancel_and_wait, watcher)
+        stack.push_async_callback(self.supervisor.close)
+        self.supervisor.start("routes", self._follow_registry)
+        self.supervisor.start("watch-hub", self.hub.follow)
+        await self._routes_before_listening()
 
         await self.proxy.start(*cfg.proxy_addr)
         stack.push_async_callback(self.proxy.close)
@@ -138,10 +140,10 @@ class Agent:
                                                           cfg.mark))
             stack.callback(iptables.remove_rules)
 
-        await self.hub.start()
         stack.push_async_callback(self.hub.close)
         app = build_app(self._api_context())
         discover_api.add_routes(app, self.registry, self.hub, cfg.node)
+        app.router.add_get("/v1/agent/ready", self._readiness)
         # Cancel a handler when its client goes: a long poll or an event stream
         # whose client left must release its watch at once (aiohttp's default
         # keeps it until the wait runs out, or forever for a quiet stream).
@@ -151,13 +153,40 @@ class Agent:
         await web.TCPSite(runner, *cfg.http_addr, reuse_address=True).start()
         log.info("event=listen component=http address=%s:%d", *cfg.http_addr)
 
-        registrator = self.registrator.start()  # registers through the API just started
+        registrator = self.registrator.serving()  # registers through the API just started
         if registrator is not None:
-            stack.push_async_callback(cancel_and_wait, registrator)
+            self.supervisor.start("registrator", registrator)
 
-    async def _follow(self, changes: AsyncIterator[Change]) -> None:
-        async for change in changes:
+    async def _follow_registry(self) -> None:
+        """The routes component: a fresh watch (a snapshot, then changes) each start."""
+        async for change in self.registry.watch():
             apply_change(self.table, change)
+            self.routes_synced.set()
+
+    async def _routes_before_listening(self) -> None:
+        """Program the routes before the proxy listens, so that no early connection is
+        misrouted; a registry that does not answer in time leaves the agent up but
+        not ready (VIP connections are refused by the local route until it is)."""
+        try:
+            async with asyncio.timeout(ROUTES_STARTUP_WAIT):
+                await self.routes_synced.wait()
+        except TimeoutError:
+            log.warning("event=not-ready reason='no answer from the registry at %s within "
+                        "%gs: routes are programmed once it answers'", self.config.registry,
+                        ROUTES_STARTUP_WAIT)
+
+    async def _readiness(self, request: web.Request) -> web.Response:
+        """``GET /v1/agent/ready``: 200 once routes are programmed, else 503 and why."""
+        if self.ready:
+            return web.json_response({"Ready": True})
+        return web.json_response({"Ready": False, "Reason": (
+            f"routes are not programmed yet: the registry at {self.config.registry} has "
+            "not answered")}, status=503)
+
+    @property
+    def ready(self) -> bool:
+        """Listening, with routes programmed from the registry."""
+        return self.started and self.routes_synced.is_set()
 
     def _api_context(self) -> ApiContext:
         cfg = self.config
@@ -187,6 +216,7 @@ class Agent:
                        "Status": 1},
             "Stats": {
                 "registry": {"location": cfg.registry, "owned_instances": len(self.local)},
+                "components": self.supervisor.status(),
                 "agent": {"pid": os.getpid(), "ready": self.ready,
                           "uptime_seconds": round(time.time() - self.started_at, 3)},
                 "routes": {"version": self.table.version,

@@ -43,7 +43,8 @@ class LabAgent:
     def where(self) -> str:
         return f"h{self.host}"
 
-    def start(self) -> LabAgent:
+    def start(self, *, ready: bool = True) -> LabAgent:
+        """Start the agent; wait until it is ready (``ready=False``: until it answers)."""
         self._log = open(self.log_path, "ab")  # noqa: SIM115 (closed in stop)
         argv = [
             sys.executable, "-m", "consulate.control.cli", "agent",
@@ -55,10 +56,10 @@ class LabAgent:
             *self.extra_args,
         ]
         self.process = self.lab.popen(self.where, argv, stdout=self._log, stderr=self._log)
-        self.wait_ready()
+        self.wait_ready(answering_is_enough=not ready)
         return self
 
-    def wait_ready(self) -> None:
+    def wait_ready(self, *, answering_is_enough: bool = False) -> None:
         deadline = time.monotonic() + AGENT_START_TIMEOUT
         assert self.process is not None
         while time.monotonic() < deadline:
@@ -67,7 +68,8 @@ class LabAgent:
                     f"agent in {self.where} exited with {self.process.returncode}:\n{self.log()}"
                 )
             try:
-                if self.api("GET", "/v1/agent/self")["Stats"]["agent"]["ready"]:
+                if self.api("GET", "/v1/agent/self")["Stats"]["agent"]["ready"] or \
+                        answering_is_enough:
                     return
             except (OSError, ValueError, subprocess.SubprocessError):
                 pass

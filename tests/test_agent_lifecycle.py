@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from etcdproc import EtcdProcess
 
 from consulate.control import lab as labmod
 from consulate.control.labagent import LabAgent
@@ -176,3 +177,36 @@ def test_watchers_whose_clients_leave_are_released(host_lab: labmod.Lab, tmp_pat
             time.sleep(0.05)
     finally:
         agent.stop()
+
+
+def test_an_agent_started_before_its_registry_becomes_ready_when_it_answers(
+        host_lab: labmod.Lab, tmp_path: Path) -> None:
+    """The registry (etcd, in the host) is down when the agent starts: the agent
+    serves, says it is not ready and why, and programs the routes once etcd is up."""
+    address = host_lab.host_ip(1)
+    agent = LabAgent(host_lab, 1, tmp_path / "data", tmp_path / "agent.log",
+                     extra_args=["--registry", f"etcd://{address}:2379"]).start(ready=False)
+    etcd = EtcdProcess(tmp_path / "etcd", address, "h1",
+                       prefix=["ip", "netns", "exec", host_lab.host_ns(1)])
+    try:
+        with pytest.raises(OSError, match="HTTP Error 503"):
+            agent.api("GET", "/v1/agent/ready")
+        assert agent.api("GET", "/v1/agent/self")["Stats"]["agent"]["ready"] is False
+        etcd.launch()
+        etcd.wait_healthy()
+        deadline = time.monotonic() + 30
+        while not agent.api("GET", "/v1/agent/self")["Stats"]["agent"]["ready"]:
+            assert time.monotonic() < deadline, agent.log()
+            time.sleep(0.1)
+        assert agent.api("GET", "/v1/agent/ready") == {"Ready": True}
+        components = agent.api("GET", "/v1/agent/self")["Stats"]["components"]
+        assert {name: c["State"] for name, c in components.items()} == {
+            "routes": "running", "watch-hub": "running"}
+        agent.register("web", "web-1", host_lab.container_ip(1, 1), 80)
+        while "web" not in agent.api("GET", "/v1/agent/self")["Stats"]["routes"]["services"]:
+            assert time.monotonic() < deadline + 10, agent.log()
+            time.sleep(0.1)
+    finally:
+        agent.stop()
+        etcd.stop()
+    assert "event=not-ready reason='no answer from the registry" in agent.log()

@@ -16,7 +16,9 @@ import logging
 import os
 import shlex
 import stat
+from collections.abc import Callable, Coroutine
 from dataclasses import replace
+from typing import Any
 
 from consulate.control.config import AgentConfig, ConfigError
 from consulate.control.registrator import flags
@@ -66,8 +68,9 @@ class AgentRegistrator:
         self.config = config
         self.options = agent_options(config)
 
-    def start(self) -> asyncio.Task[None] | None:
-        """The registrator's task; None (and a log line saying why) when it is off."""
+    def serving(self) -> Callable[[], Coroutine[Any, Any, None]] | None:
+        """What runs the registrator (the agent supervises it); None, and a log line
+        saying why, when it is off."""
         if not self.config.registrator:
             log.info("event=registrator state=off reason=--no-registrator")
             return None
@@ -81,9 +84,8 @@ class AgentRegistrator:
             os.environ[TOKEN_VARIABLE] = self.config.token
         adapter = open_adapter(self.options.uri, self.config.node)
         log.info("event=registrator state=on docker=%s registry=%s", host, self.options.uri)
-        return asyncio.get_running_loop().create_task(
-            _serve(self.options, self.config.node, DockerSource(host), adapter),
-            name="registrator")
+        docker = DockerSource(host)
+        return lambda: _serve(self.options, self.config.node, docker, adapter)
 
 
 async def _serve(options: flags.Options, node: str, docker: DockerSource,

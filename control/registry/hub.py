@@ -48,7 +48,7 @@ class WatchHub:
 
     async def start(self) -> None:
         """Follow the registry; returns once the first snapshot is in."""
-        self._task = asyncio.get_running_loop().create_task(self._follow())
+        self._task = asyncio.get_running_loop().create_task(self.follow())
         ready = asyncio.ensure_future(self._ready.wait())
         await asyncio.wait({ready, self._task}, return_when=asyncio.FIRST_COMPLETED)
         if not ready.done():
@@ -135,7 +135,8 @@ class WatchHub:
         if not service.waiters and not service.queues and self._services.get(name) is service:
             del self._services[name]
 
-    async def _follow(self) -> None:
+    async def follow(self) -> None:
+        """Apply the registry's changes until cancelled (the agent supervises it)."""
         async for change in self._backend.watch():
             self._apply(change)
             self._ready.set()
