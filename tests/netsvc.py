@@ -82,10 +82,20 @@ def _connect_once(host: str, port: int, payload: bytes, timeout: float) -> dict[
     return result
 
 
-def connect(host: str, port: int, count: int, size: int, seed: int, timeout: float) -> None:
+def connect(host: str, port: int, count: int, size: int, seed: int, timeout: float,
+            seconds: float = 0.0) -> None:
+    """``count`` connections one after the other; with ``seconds``, as many as fit
+    in that time, each result stamped with its start (``t``, the epoch)."""
     payload = random.Random(seed).randbytes(size)
-    for _ in range(count):
-        print(json.dumps(_connect_once(host, port, payload, timeout)), flush=True)
+    if seconds <= 0:
+        for _ in range(count):
+            print(json.dumps(_connect_once(host, port, payload, timeout)), flush=True)
+        return
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        started = time.time()
+        print(json.dumps({"t": started, **_connect_once(host, port, payload, timeout)}),
+              flush=True)
 
 
 def flood(host: str, port: int, seconds: float) -> None:
@@ -116,6 +126,7 @@ def main() -> None:
     c.add_argument("--size", type=int, default=1)
     c.add_argument("--seed", type=int, default=1)
     c.add_argument("--timeout", type=float, default=10.0)
+    c.add_argument("--seconds", type=float, default=0.0)
     f = sub.add_parser("flood")
     f.add_argument("--host", required=True)
     f.add_argument("--port", type=int, required=True)
@@ -124,7 +135,8 @@ def main() -> None:
     if args.cmd == "serve":
         serve(args.port, args.id, args.mode)
     elif args.cmd == "connect":
-        connect(args.host, args.port, args.count, args.size, args.seed, args.timeout)
+        connect(args.host, args.port, args.count, args.size, args.seed, args.timeout,
+                args.seconds)
     else:
         flood(args.host, args.port, args.seconds)
 
