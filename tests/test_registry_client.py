@@ -196,6 +196,15 @@ async def test_an_agent_that_is_down_is_a_clear_error() -> None:
     await client.close()
 
 
+async def test_a_service_set_that_times_out_leaves_no_task_behind() -> None:
+    client = RegistryClient(f"http://{ADDRESS}:1")  # no agent: the set never fills
+    before = len(asyncio.all_tasks())
+    with pytest.raises(TimeoutError):
+        await client.service_set("web", timeout=0.3)
+    assert len(asyncio.all_tasks()) == before
+    await client.close()
+
+
 async def test_a_refused_registration_says_why(client: RegistryClient) -> None:
     with pytest.raises(RegistryClientError, match=r"400 addr '10\.0\.0\.1' must be IP:PORT"):
         await client.register("web", "10.0.0.1")

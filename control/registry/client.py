@@ -291,8 +291,12 @@ class RegistryClient:
                 await found._apply(event)
 
         found._task = asyncio.get_running_loop().create_task(follow())
-        async with asyncio.timeout(timeout):
-            await found._current.wait()
+        try:
+            async with asyncio.timeout(timeout):
+                await found._current.wait()
+        except BaseException:  # timed out or cancelled: the follower goes too
+            await cancel_and_wait(found._task)
+            raise
         return found
 
     async def leaders(self, service: str) -> AsyncIterator[RemoteInstance | None]:
