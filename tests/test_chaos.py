@@ -99,7 +99,7 @@ def test_kills_and_restarts_lose_no_connection_to_a_live_endpoint(tmp_path: Path
             output, _ = client.communicate(timeout=SECONDS)
             results = [json.loads(line) for line in output.splitlines()]
             # Once the routes converge every instance is back and serves.
-            until(lambda: endpoints(agents[1], "chaos") == 3, 20)
+            until(lambda: endpoints(agents[1], "chaos") == 3, 40)
             final = peers.connect("h1c2", "chaos.service.consul", PORT, count=6, size=1000)
             assert {r["id"] for r in final} == {"chaos-h1", "chaos-h2", "chaos-h3"}
         finally:
