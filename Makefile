@@ -6,6 +6,10 @@
 #               make bench-dns: the DNS responder against dnsmasq and unbound,
 #               make bench-registrator: 100 containers started together -> registered
 #               make bench-watchers: 10,000 long polls / event streams on one agent
+#               make bench-udp: a UDP service through its VIP against the direct path
+#               make bench-configurator: 1,000 templates x 100 services re-rendered
+#               make bench-convergence: registry change -> route tables of 3 hosts
+#               make bench-scheduler: placements/s, packing and spread at 1,000 nodes
 
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -17,7 +21,7 @@ BENCH_ARGS ?=
 
 # Debian packages the agent, the lab, the tests and the benchmarks use.
 APT_PACKAGES := iptables iproute2 dnsutils busybox-static wget util-linux procps \
-	libnetfilter-queue-dev libffi-dev build-essential python3-dev python3-venv \
+	libnetfilter-queue-dev conntrack libffi-dev build-essential python3-dev python3-venv \
 	iperf3 wrk haproxy socat nginx-light etcd-server etcd-client docker.io zookeeper
 
 # Debian packages of the DNS benchmark alone, installed by its own stamp so that
@@ -26,7 +30,7 @@ APT_PACKAGES := iptables iproute2 dnsutils busybox-static wget util-linux procps
 # under a policy-rc.d that forbids starting any service (kept if one was there).
 BENCH_DNS_PACKAGES := dnsperf dnsmasq-base unbound
 
-.PHONY: run test demo lint deps clean bench bench-tcp bench-splice bench-dns bench-duplex bench-registrator bench-watchers
+.PHONY: run test demo lint deps clean bench bench-tcp bench-splice bench-dns bench-duplex bench-registrator bench-watchers bench-udp bench-configurator bench-scheduler bench-convergence
 
 run: deps
 	exec $(BIN)/consulate agent $(ARGS)
@@ -39,7 +43,7 @@ demo: deps
 
 # Benchmarks are not tests: `make test` never runs them. Options go in BENCH_ARGS,
 # e.g. make bench-tcp BENCH_ARGS="--variants direct,haproxy --reps 1".
-bench: bench-tcp bench-splice bench-dns bench-registrator bench-duplex bench-watchers
+bench: bench-tcp bench-splice bench-dns bench-registrator bench-duplex bench-watchers bench-udp bench-configurator bench-scheduler bench-convergence
 
 bench-tcp: deps $(STAMP)/bench
 	$(BIN)/python -m bench.tcp $(BENCH_ARGS)
@@ -68,6 +72,28 @@ bench-registrator: deps $(STAMP)/bench
 # e.g. make bench-duplex BENCH_ARGS="--reps 1 --duration 1".
 bench-duplex: deps $(STAMP)/bench
 	$(BIN)/python -m bench.duplex $(BENCH_ARGS)
+
+# UDP echo through a service's VIP (NFQUEUE first datagram + conntrack DNAT) against the
+# direct path and per-datagram NFQUEUE; e.g. make bench-udp BENCH_ARGS="--reps 1".
+bench-udp: deps $(STAMP)/bench
+	$(BIN)/python -m bench.udp $(BENCH_ARGS)
+
+# The configurator's render path: CPU seconds to re-render 1,000 templates over 100
+# services, against plain jinja2 on the same data; e.g. BENCH_ARGS="--reps 1".
+bench-configurator: deps $(STAMP)/bench
+	$(BIN)/python -m bench.configurator $(BENCH_ARGS)
+
+# Route convergence on 3 lab hosts: a registration through h2's agent -> every agent's
+# route table, etcd cluster and --join layouts, against a raw etcd watch in the same
+# run; e.g. make bench-convergence BENCH_ARGS="--samples 20 --layouts etcd".
+bench-convergence: deps $(STAMP)/bench
+	$(BIN)/python -m bench.convergence $(BENCH_ARGS)
+
+# The scheduler with 1,000 simulated nodes in process: placements/s on one core against
+# a plain Python loop, binpack against the offline FFD bound, spread skew against random;
+# e.g. make bench-scheduler BENCH_ARGS="--quick" (a smoke test).
+bench-scheduler: deps $(STAMP)/bench
+	$(BIN)/python -m bench.scheduler $(BENCH_ARGS)
 
 # mypy cannot follow setuptools' package-dir mapping, so it checks the package
 # through a tree of symlinks shaped like the installed one.

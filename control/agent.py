@@ -16,9 +16,11 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+from dnslib import RCODE
 
 from consulate import native
-from consulate.control import discover_api
+from consulate.control import discover_api, metrics, routes_api
+from consulate.control.ambassador_docker import OmniAmbassador, start_omni
 from consulate.control.api_context import ApiContext
 from consulate.control.config import AgentConfig, ConfigError
 from consulate.control.health.runner import HealthRunner
@@ -28,12 +30,16 @@ from consulate.control.registrator.agentmode import AgentRegistrator
 from consulate.control.registry import Change, Instance
 from consulate.control.registry.hub import WatchHub
 from consulate.control.registry.location import open_registry, parse_location
+from consulate.control.scheduler import api as scheduler_api
+from consulate.control.scheduler.host import SchedulerHost
 from consulate.control.supervisor import Supervisor
 from consulate.dns.answer import Responder
 from consulate.dns.server import DnsServer
 from consulate.proxy import iptables, localroute
+from consulate.proxy.outlier import OutlierPolicy
 from consulate.proxy.server import TransparentProxy
 from consulate.proxy.table import Endpoint, RouteTable
+from consulate.proxy.udp import UdpProxy
 from consulate.proxy.vip import VipAllocator
 
 if TYPE_CHECKING:
@@ -53,7 +59,7 @@ def endpoint_of(instance: Instance) -> Endpoint | None:
         return None
     return Endpoint(service=instance.name, id=instance.id, address=instance.address,
                     port=instance.port, tags=instance.tags, node=instance.node,
-                    weight=weight)
+                    weight=weight, lb=instance.meta.get("lb", ""))
 
 
 def apply_change(table: RouteTable, change: Change) -> None:
@@ -99,9 +105,15 @@ class Agent:
                                    config.liveness_ttl)
         self.table = RouteTable(VipAllocator(config.vip_cidr, config.data_dir / "vips.json"))
         self.proxy = TransparentProxy(self.table, engine=_relay_engine(config),
-                                      mark=config.mark, connect_timeout=config.connect_timeout)
+                                      mark=config.mark, connect_timeout=config.connect_timeout,
+                                      outlier=OutlierPolicy(
+                                          base_ejection_time=config.base_ejection_time))
         dns_config = config.dns_config()
         self.dns = DnsServer(Responder(self.table, dns_config), dns_config)
+        self.udp: UdpProxy | None = None  # UDP to VIPs needs the iptables rules
+        self.ambassador: OmniAmbassador | None = None  # --ambassador
+        self.manifold = (SchedulerHost.for_agent(self.registry, config) if config.scheduler
+                         else None)
         self.started = False
         self.routes_synced = asyncio.Event()
         self.supervisor = Supervisor()
@@ -132,18 +144,27 @@ class Agent:
         for host, port in cfg.dns_addrs:
             await self.dns.listen(host, port)
         stack.callback(self.dns.close)
+        self.ambassador = await start_omni(cfg, self.table, stack) if cfg.ambassador else None
 
         if cfg.iptables:
             localroute.add(cfg.vip_cidr)
             stack.callback(localroute.remove, cfg.vip_cidr)
-            iptables.install_rules(iptables.RedirectRules(cfg.vip_cidr, cfg.proxy_addr[1],
-                                                          cfg.mark))
+            rules = iptables.RedirectRules(
+                cfg.vip_cidr, cfg.proxy_addr[1], cfg.mark,
+                ambassador=self.ambassador.redirect if self.ambassador is not None else None)
+            iptables.install_rules(rules)
             stack.callback(iptables.remove_rules)
+            self.udp = UdpProxy(self.table, rules)
+            await self.udp.start()
+            stack.push_async_callback(self.udp.close)
 
         stack.push_async_callback(self.hub.close)
         app = build_app(self._api_context())
         discover_api.add_routes(app, self.registry, self.hub, cfg.node)
+        metrics.add_routes(app, self.scrape)
+        routes_api.add_routes(app, self.table)
         app.router.add_get("/v1/agent/ready", self._readiness)
+        scheduler_api.add_routes(app, self.manifold)
         # Cancel a handler when its client goes: a long poll or an event stream
         # whose client left must release its watch at once (aiohttp's default
         # keeps it until the wait runs out, or forever for a quiet stream).
@@ -153,9 +174,16 @@ class Agent:
         await web.TCPSite(runner, *cfg.http_addr, reuse_address=True).start()
         log.info("event=listen component=http address=%s:%d", *cfg.http_addr)
 
+        if cfg.configurator:
+            from consulate.control.configurator.agentmode import start_in_agent
+
+            await start_in_agent(cfg.configurator, self.registry, stack)
         registrator = self.registrator.serving()  # registers through the API just started
         if registrator is not None:
             self.supervisor.start("registrator", registrator)
+        if self.manifold is not None:
+            self.manifold.start()
+            stack.push_async_callback(self.manifold.close)
 
     async def _follow_registry(self) -> None:
         """The routes component: a fresh watch (a snapshot, then changes) each start."""
@@ -200,6 +228,14 @@ class Agent:
             local=self.local,
         )
 
+    def scrape(self) -> metrics.Scrape:
+        """Every counter ``/metrics`` shows, read now from the parts that keep them."""
+        return metrics.Scrape(
+            proxy=self.proxy.stats_snapshot(), relay=self.proxy.relay_name,
+            endpoints={s.name: len(s.endpoints) for s in self.table.services()},
+            route_version=self.table.version, dns_rcodes=tuple(self.dns.rcodes),
+            watch=self.hub.stats())
+
     def self_info(self) -> dict[str, Any]:
         """``GET /v1/agent/self``: Consul's Config and Member blocks plus consulate's Stats."""
         cfg = self.config
@@ -224,7 +260,12 @@ class Agent:
                                                  "endpoints": len(s.endpoints)}
                                         for s in self.table.services()}},
                 "proxy": self.proxy.stats_snapshot(),
+                "udp": self.udp.stats_snapshot() if self.udp is not None else None,
+                "ambassador": (self.ambassador.server.stats_snapshot()
+                               if self.ambassador is not None else None),
                 "watch": self.hub.stats(),
+                "dns": {"responses": {RCODE.forward.get(code, str(code)): count
+                                      for code, count in enumerate(self.dns.rcodes) if count}},
                 "relay": {"engine": self.proxy.relay_name, "native_extension": caps.extension,
                           "splice_available": caps.splice},
                 "iptables": {"enabled": cfg.iptables, "vip_cidr": cfg.vip_cidr,

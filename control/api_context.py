@@ -54,11 +54,23 @@ CONTEXT = web.AppKey("context", ApiContext)
 
 async def wait_for_change(request: web.Request) -> int:
     """Wait as a Consul blocking query asks; returns the index to answer with."""
-    registry = request.app[CONTEXT].registry
+    return await wait_past(request.app[CONTEXT].registry, request)
+
+
+async def wait_past(registry: RegistryBackend, request: web.Request) -> int:
+    """Wait until the registry moves past the request's ``?index=`` (or its ``wait``
+    runs out); returns the index to answer with.
+
+    An index above the registry's own is taken as the current one: it is what an
+    empty registry answers (1, since the API never says 0), so the first write
+    must wake its watchers, and a registry that was reset wakes them at its next
+    write rather than when it catches up with the old count.
+    """
     query = blocking_query(request)
     if query is None:
         return registry.index
-    return await registry.wait_for_index(*query)
+    index, wait = query
+    return await registry.wait_for_index(min(index, registry.index), wait)
 
 
 def indexed_json(data: object, index: int) -> web.Response:

@@ -18,7 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from consulate.control.agent import VERSION, Agent, cleanup
+from consulate.control.ambassador_cli import add_ambassador_parser
+from consulate.control.cli_examples import add_examples
+from consulate.control.cli_inspect import add_json_flag, cmd_routes, cmd_services, cmd_status
 from consulate.control.client import AgentClient, ApiError
+from consulate.control.completion import add_completion_parser
 from consulate.control.config import (
     AgentConfig,
     ConfigError,
@@ -30,9 +34,11 @@ from consulate.control.config import (
     parse_seconds,
     parse_service_ttl,
 )
+from consulate.control.configurator.command import add_configurator_parser
 from consulate.control.host_helpers import add_host_helper_parsers
 from consulate.control.lab_cli import add_lab_parser
 from consulate.control.registrator.cli import add_registrator_parser
+from consulate.control.scheduler.cli import add_scheduler_parsers
 from consulate.control.service_definition import InvalidDefinition, parse_duration
 from consulate.dns.config import SoaTimers
 from consulate.proxy.iptables import IptablesError
@@ -125,6 +131,10 @@ def _add_agent(sub: Any) -> None:
     _env_flag(p, "--mark", hex(defaults.mark), "netfilter mark of the proxy's own connections")
     _env_flag(p, "--connect-timeout", str(defaults.connect_timeout),
               "seconds to wait for an endpoint to accept", type=float)
+    _env_flag(p, "--base-ejection-time", str(defaults.base_ejection_time),
+              "seconds an endpoint with 5 connect failures in a row stays out of its "
+              "pool, times the number of its ejections (Envoy's base_ejection_time)",
+              type=float)
     _env_flag(p, "--relay", defaults.relay,
               "byte mover: native (C splice engine), python, or auto (native when built)")
     p.add_argument("--no-iptables", action="store_true",
@@ -139,6 +149,17 @@ def _add_agent(sub: Any) -> None:
               "registers (default: DOCKER_HOST, else unix:///var/run/docker.sock)")
     _env_flag(p, "--registrator-flags", "", "registrator options, as `consulate registrator "
               "-h` lists them (the agent sets -cleanup -resync 30 -ip <advertise>)")
+    _env_flag(p, "--configurator", "", "run a configurator in the agent: the arguments of "
+              "`consulate configurator` (its $services read this agent's registry)")
+    p.add_argument("--scheduler", action="store_true",
+                   default=_env_bool("CONSULATE_SCHEDULER"),
+                   help="join the scheduler (Manifold): register this host as a node that "
+                   "runs allocations, and stand for scheduler leader (env CONSULATE_SCHEDULER)")
+    _env_flag(p, "--scheduler-rpc-addr", "", "HOST:PORT where this agent's scheduler takes "
+              "the other agents' duplex connections (\"\": a unix socket in --data-dir, one "
+              "host only)")
+    _env_flag(p, "--scheduler-exec-netns", "", "network namespace (as `ip netns` names it: "
+              "a lab container's) the exec driver runs its tasks in (\"\": the agent's own)")
     _env_flag(p, "--liveness-ttl", "10s", "how long what this agent registered outlives it: "
               "the agent heartbeats its instances every third of it; a host that dies or "
               "is cut off leaves every route within it")
@@ -146,6 +167,15 @@ def _add_agent(sub: Any) -> None:
                    default=_env_bool("CONSULATE_ENABLE_SCRIPT_CHECKS"),
                    help="run health checks that execute commands (Consul's Args checks; "
                    "off by default: anyone who may register could run code here)")
+    p.add_argument("--ambassador", action="store_true",
+                   default=_env_bool("CONSULATE_AMBASSADOR"),
+                   help="ambassador omni mode (Ambassadord): a container's connection to the "
+                   "bridge address on port P goes where its BACKEND_P variable or connect.P "
+                   "label says (env CONSULATE_AMBASSADOR)")
+    _env_flag(p, "--ambassador-addr", "0.0.0.0:10001", "where omni mode's listener takes the "
+              "connections iptables redirects to it")
+    _env_flag(p, "--bridge-ip", "", "the container bridge address omni mode takes over, on "
+              "every port but the agent's own (default: docker0's address)")
     p.add_argument("--cleanup", action="store_true",
                    help="remove the rules, chains and route a previous agent left, then exit")
     p.set_defaults(func=_cmd_agent)
@@ -159,6 +189,7 @@ def _agent_config(args: argparse.Namespace) -> AgentConfig:
         domain=args.domain, proxy_addr=parse_hostport("--proxy-addr", args.proxy_addr),
         vip_cidr=args.vip_cidr, mark=parse_mark(args.mark), iptables=not args.no_iptables,
         connect_timeout=args.connect_timeout, relay=args.relay, registry=_registry_of(args),
+        base_ejection_time=args.base_ejection_time,
         token=args.token,
         alt_domain=args.alt_domain, dns_a=args.dns_a, udp_max=args.udp_max,
         recursors=[parse_recursor(r) for r in _listed(args.recursor, "--recursor")],
@@ -172,9 +203,15 @@ def _agent_config(args: argparse.Namespace) -> AgentConfig:
                       min_ttl=parse_seconds("--dns-soa-min-ttl", args.dns_soa_min_ttl)),
         node_meta=dict(parse_node_meta(m) for m in _listed(args.node_meta, "--node-meta")),
         registrator=not args.no_registrator, docker_host=args.docker_host,
-        registrator_flags=args.registrator_flags,
+        registrator_flags=args.registrator_flags, configurator=args.configurator,
         enable_script_checks=args.enable_script_checks,
         liveness_ttl=parse_positive_seconds("--liveness-ttl", args.liveness_ttl),
+        scheduler=args.scheduler,
+        scheduler_rpc_addr=args.scheduler_rpc_addr and "{}:{}".format(*parse_hostport(
+            "--scheduler-rpc-addr", args.scheduler_rpc_addr)),
+        scheduler_exec_netns=args.scheduler_exec_netns,
+        ambassador=args.ambassador, bridge_ip=args.bridge_ip,
+        ambassador_addr=parse_hostport("--ambassador-addr", args.ambassador_addr),
     )
 
 
@@ -233,7 +270,12 @@ def _add_client_commands(sub: Any) -> None:
                    "weight, Consul's Weights.Passing; default 1)")
     p = client_parser("deregister", "remove a service instance", _cmd_deregister)
     p.add_argument("id", help="instance id")
-    client_parser("services", "list services with their instances", _cmd_services)
+    add_json_flag(client_parser("services", "list services with their instances",
+                                cmd_services))
+    add_json_flag(client_parser("routes", "show this agent's route table: VIPs and "
+                                "endpoints", cmd_routes))
+    add_json_flag(client_parser("status", "show the agent, its services, VIPs and "
+                                "counters", cmd_status))
 
 
 def _cmd_register(args: argparse.Namespace) -> int:
@@ -270,30 +312,18 @@ def _cmd_deregister(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_services(args: argparse.Namespace) -> int:
-    client = _client(args)
-    names = client.request("GET", "/v1/catalog/services")
-    rows = [("SERVICE", "ID", "ADDRESS", "TAGS")]
-    for name in names:
-        for entry in client.request("GET", f"/v1/catalog/service/{name}"):
-            rows.append((name, entry["ServiceID"],
-                         f"{entry['ServiceAddress']}:{entry['ServicePort']}",
-                         ",".join(entry["ServiceTags"])))
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
-    return 0
-
-
 def _add_demo(sub: Any) -> None:
     p = sub.add_parser("demo", help="build a lab, route by name, fail an instance, tear down")
+    p.add_argument("--hosts", type=int, choices=(1, 3), default=1,
+                   help="1: one host, a backend killed; 3: agents on 3 hosts sharing a "
+                   "registry, a host cut off and back (default 1)")
     p.set_defaults(func=_cmd_demo)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from consulate.control.demo import run_demo
 
-    return run_demo()
+    return run_demo(args.hosts)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -311,8 +341,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_client_commands(sub)
     add_lab_parser(sub)
     add_registrator_parser(sub)
+    add_configurator_parser(sub)
+    add_scheduler_parsers(sub, lambda p: _env_flag(p, "--http-addr", "127.0.0.1:8500",
+                                                   "the agent's HTTP API"))
     add_host_helper_parsers(sub)
+    add_ambassador_parser(sub)
     _add_demo(sub)
+    add_completion_parser(sub, parser)
+    add_examples(parser)
     return parser
 
 

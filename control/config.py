@@ -12,6 +12,7 @@ from consulate.control.registry.location import BadLocation, parse_location
 from consulate.control.service_definition import InvalidDefinition, parse_duration
 from consulate.dns.config import A_MODES, DEFAULT_UDP_MAX, DnsConfig, SoaTimers, TtlPolicy
 from consulate.dns.wire import MIN_UDP
+from consulate.proxy.iptables import AmbassadorRedirect
 
 DEFAULT_VIP_CIDR = "240.0.0.0/4"  # Consul's virtual-IP range, never routed on the internet
 DEFAULT_MARK = 0xC0A  # marks the proxy's upstream sockets so iptables never redirects them
@@ -24,6 +25,7 @@ _DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9_-]{0,61}[a-z0-9])?$")
 _TTL_PATTERN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9_-]*\*?|\*)$")
 _META_KEY = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 TXT_STRING_MAX = 255  # RFC 1035 3.3: one TXT character-string
+MULTIPORT_MAX = 15  # ports one iptables multiport match takes
 
 
 class ConfigError(ValueError):
@@ -143,6 +145,7 @@ class AgentConfig:
     mark: int = DEFAULT_MARK
     iptables: bool = True
     connect_timeout: float = 2.0
+    base_ejection_time: float = 30.0  # outlier ejection, x the endpoint's ejections (Envoy)
     relay: str = "auto"  # native when the extension is built and usable, else python
     registry: str = "embedded"  # or etcd://HOST:PORT[,HOST:PORT...][/PREFIX]
     token: str = ""  # needed by writes to the HTTP API; required off loopback
@@ -158,8 +161,15 @@ class AgentConfig:
     registrator: bool = True  # run the registrator when a Docker socket is there
     docker_host: str = ""  # "": DOCKER_HOST, else unix:///var/run/docker.sock
     registrator_flags: str = ""  # registrator options, as `consulate registrator` takes them
+    configurator: str = ""  # a configurator to run here: `consulate configurator`'s arguments
     enable_script_checks: bool = False  # run Args health checks (Consul's flag)
     liveness_ttl: float = 10.0  # what this agent registers leaves the registry after it
+    scheduler: bool = False  # join the scheduler: a node, and a leader candidate
+    scheduler_rpc_addr: str = ""  # HOST:PORT of the scheduler's duplex RPC; "": unix socket
+    scheduler_exec_netns: str = ""  # network namespace the exec driver runs tasks in
+    ambassador: bool = False  # omni mode: containers' BACKEND_<port> routed (Ambassadord)
+    ambassador_addr: tuple[str, int] = ("0.0.0.0", 10001)
+    bridge_ip: str = ""  # the container bridge's address omni mode takes; "": docker0's
 
     def validate(self) -> None:
         try:
@@ -185,6 +195,9 @@ class AgentConfig:
             raise ConfigError(f"--relay {self.relay!r} is unknown: use one of {', '.join(RELAYS)}")
         if self.connect_timeout <= 0:
             raise ConfigError(f"--connect-timeout {self.connect_timeout} must be above 0")
+        if not self.base_ejection_time > 0:
+            raise ConfigError(f"--base-ejection-time {self.base_ejection_time} must be above 0 "
+                              "(seconds an endpoint stays ejected the first time)")
 
     def _validate_dns(self) -> None:
         self.domain = _check_domain("--domain", self.domain)
@@ -211,6 +224,21 @@ class AgentConfig:
         for flag, seconds in ttls:
             if not 0 <= seconds <= MAX_TTL:
                 raise ConfigError(f"{flag} {seconds} must be from 0 to {MAX_TTL} seconds")
+
+    def ambassador_redirect(self, bridge_ip: str) -> AmbassadorRedirect:
+        """Omni mode's iptables rule: every port of ``bridge_ip`` but this agent's own."""
+        keep = {self.http_addr[1], self.proxy_addr[1], self.ambassador_addr[1],
+                *(port for _, port in self.dns_addrs)}
+        if len(keep) > MULTIPORT_MAX:
+            raise ConfigError(f"--ambassador: the agent listens on {len(keep)} ports "
+                              f"({','.join(map(str, sorted(keep)))}); iptables' multiport "
+                              f"match keeps at most {MULTIPORT_MAX} out of omni mode: use "
+                              "fewer --dns-addr ports")
+        try:
+            ipaddress.IPv4Address(bridge_ip)
+        except ValueError:
+            raise ConfigError(f"--bridge-ip {bridge_ip!r} is not an IPv4 address") from None
+        return AmbassadorRedirect(bridge_ip, self.ambassador_addr[1], tuple(sorted(keep)))
 
     def dns_config(self) -> DnsConfig:
         """The responder's options (call after ``validate``)."""

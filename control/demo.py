@@ -3,12 +3,14 @@
 One host runs a real agent; containers c1 and c2 serve HTTP as service ``web``;
 container c3 calls ``http://web.service.consul/`` and sees round-robin answers,
 then keeps getting answers after web-1 dies, because the proxy retries on
-another endpoint. Traffic only goes to the lab's own addresses (PLATFORM.md,
-"The network rule"), and everything is torn down whatever happens.
+another endpoint. ``--hosts 3`` runs the many-host demo instead (demo_hosts.py),
+on the same narration and teardown. Traffic only goes to the lab's own addresses
+(PLATFORM.md, "The network rule"), and everything is torn down whatever happens.
 """
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import functools
 import ipaddress
@@ -43,25 +45,27 @@ class DemoError(RuntimeError):
     """A step did not do what the demo promises; the message says what was seen."""
 
 
-class Demo:
-    """The lab, agent and backends of one run, so that teardown finds all of them."""
+class LabDemo(abc.ABC):
+    """What every demo shares: its lab, temp dir and backends, so that teardown finds
+    all of them, and the narration of its numbered steps."""
 
-    def __init__(self) -> None:
+    steps = STEPS
+
+    def __init__(self, hosts: int, containers: int) -> None:
         # The name is fixed before anything is built, so teardown can remove
         # a lab interrupted half-way through being built.
         self.name = f"{labs.LAB_PREFIX}demo-{os.urandom(3).hex()}"
         self.work = Path(tempfile.mkdtemp(prefix="consulate-demo-"))
-        self.lab = labs.Lab(self.name, hosts=1, containers=3)
-        self.agent = LabAgent(self.lab, 1, self.work / "data", self.work / "agent.log")
+        self.lab = labs.Lab(self.name, hosts=hosts, containers=containers)
         self.backends: dict[str, subprocess.Popen[bytes]] = {}
         self.step = 0
-        self.agent_log: list[str] = []  # kept by teardown, which removes the file
+        self.agent_log: list[str] = []  # kept by teardown, which removes the files
 
     @contextlib.contextmanager
     def narrate(self, text: str) -> Iterator[list[str]]:
-        """Print ``[n/7] text... ok (t s)``, then the lines the step collected, indented."""
+        """Print ``[n/N] text... ok (t s)``, then the lines the step collected, indented."""
         self.step += 1
-        print(f"[{self.step}/{STEPS}] {text}...", end="", flush=True)
+        print(f"[{self.step}/{self.steps}] {text}...", end="", flush=True)
         started = time.monotonic()
         shown: list[str] = []
         outcome = "FAILED"
@@ -76,30 +80,79 @@ class Demo:
             for line in shown:
                 print(f"      {line}")
 
+    @abc.abstractmethod
+    def run(self) -> None:
+        """The steps; raises DemoError (or whatever broke) at the first failure."""
+
+    @abc.abstractmethod
+    def teardown(self) -> None:
+        """Stop and remove everything run() started, whichever step it reached."""
+
+    def wait_for(self, what: str, ready: Callable[[], bool],
+                 timeout: float = READY_TIMEOUT) -> None:
+        """Poll ``ready()`` for at most ``timeout`` seconds: a demo never hangs."""
+        deadline = time.monotonic() + timeout
+        while not ready():
+            if time.monotonic() > deadline:
+                raise DemoError(f"no {what} after {timeout:.0f} s")
+            time.sleep(0.05)
+
+    def answers(self, host: int, ip: str) -> bool:
+        """Whether the web server at ip answers, asked from a host (not through the mesh)."""
+        done = self.lab.exec(f"h{host}", _wget(f"http://{ip}/", timeout=1),
+                             capture_output=True, timeout=5)
+        return bool(done.returncode == 0)  # typeshed types returncode as int | Any
+
+    def serve_web(self, host: int, container: int, backend: str) -> str:
+        """busybox httpd on port 80 of a container, answering ``hello from <backend>``;
+        returns its address once it answers."""
+        ip = self.lab.container_ip(host, container)
+        root = self.work / backend
+        root.mkdir()
+        (root / "index.html").write_text(f"hello from {backend} ({ip})\n")
+        self.backends[backend] = self.lab.popen(
+            f"h{host}c{container}", ["busybox", "httpd", "-f", "-p", "80", "-h", str(root)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.wait_for(f"{backend} answering on {ip}:80",
+                      functools.partial(self.answers, host, ip))
+        return ip
+
+    def call_web(self, client: str, times: int, shown: list[str]) -> list[str]:
+        """Call the service from container ``client`` (e.g. "h1c3") ``times`` times; the
+        backend ids that answered, in order. On a one-host lab the output names the
+        container without its host ("c3")."""
+        answered = []
+        label = client.removeprefix("h1") if self.lab.hosts == 1 else client
+        for _ in range(times):
+            done = self.lab.exec(client, _wget(URL), capture_output=True, text=True, timeout=15)
+            if done.returncode != 0:
+                why = WGET_EXIT.get(done.returncode, done.stderr.strip() or "no output")
+                raise DemoError(f"wget {URL} from {label} failed (exit {done.returncode}: "
+                                f"{why})")
+            body = done.stdout.strip()
+            shown.append(f"{label}$ wget {URL}  ->  {body}")
+            answered.append(next((b for b in self.backends if f"from {b} " in body), body))
+        return answered
+
+    def stop_backends(self) -> None:
+        for backend in self.backends.values():
+            if backend.poll() is None:
+                backend.terminate()  # by PID: the Popen's own process
+                backend.wait(5)
+
+
+class Demo(LabDemo):
+    """One host: the agent, two web backends and a client container."""
+
+    def __init__(self) -> None:
+        super().__init__(hosts=1, containers=3)
+        self.agent = LabAgent(self.lab, 1, self.work / "data", self.work / "agent.log")
+
     def c3(self, argv: list[str]) -> subprocess.CompletedProcess[str]:
         """Run argv in container c3, the client, whose resolv.conf points at the agent."""
         done: subprocess.CompletedProcess[str] = self.lab.exec(
             "h1c3", argv, capture_output=True, text=True, timeout=15)
         return done
-
-    def answers(self, ip: str) -> bool:
-        """Whether the web server at ip answers, asked from the host (not through the mesh)."""
-        done = self.lab.exec("h1", _wget(f"http://{ip}/", timeout=1), capture_output=True,
-                             timeout=5)
-        return bool(done.returncode == 0)  # typeshed types returncode as int | Any
-
-    def call_web(self, times: int, shown: list[str]) -> list[str]:
-        """Call the service from c3 ``times`` times; the backend ids that answered, in order."""
-        answered = []
-        for _ in range(times):
-            done = self.c3(_wget(URL))
-            if done.returncode != 0:
-                why = WGET_EXIT.get(done.returncode, done.stderr.strip() or "no output")
-                raise DemoError(f"wget {URL} from c3 failed (exit {done.returncode}: {why})")
-            body = done.stdout.strip()
-            shown.append(f"c3$ wget {URL}  ->  {body}")
-            answered.append(next((b for b in self.backends if f"from {b} " in body), body))
-        return answered
 
     def run(self) -> None:
         """Steps 1-6; raises DemoError (or whatever broke) at the first failure."""
@@ -117,15 +170,8 @@ class Demo:
         with self.narrate("Starting web servers in c1 and c2, registering them as "
                           "service 'web'") as shown:
             for j in (1, 2):
-                backend, ip = f"web-{j}", self.lab.container_ip(1, j)
-                root = self.work / backend
-                root.mkdir()
-                (root / "index.html").write_text(f"hello from {backend} ({ip})\n")
-                self.backends[backend] = self.lab.popen(
-                    f"h1c{j}", ["busybox", "httpd", "-f", "-p", "80", "-h", str(root)],
-                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                self.wait_for(f"{backend} answering on {ip}:80",
-                              functools.partial(self.answers, ip))
+                backend = f"web-{j}"
+                ip = self.serve_web(1, j, backend)
                 self.agent.register("web", backend, ip, 80)
                 shown.append(f"{backend}: busybox httpd in c{j} at {ip}:80, registered")
             self.wait_for("both endpoints in the agent's route table",
@@ -144,7 +190,7 @@ class Demo:
 
         with self.narrate(f"Calling {URL} 4 times from c3: the proxy balances "
                           "round-robin") as shown:
-            answered = self.call_web(4, shown)
+            answered = self.call_web("h1c3", 4, shown)
             if set(answered) != {"web-1", "web-2"} or any(
                     a == b for a, b in itertools.pairwise(answered)):
                 raise DemoError(f"answers did not alternate between web-1 and web-2: {answered}")
@@ -155,7 +201,7 @@ class Demo:
             os.kill(dead.pid, signal.SIGKILL)
             dead.wait(5)
             failures_before = self.connect_failures()
-            answered = self.call_web(6, shown)
+            answered = self.call_web("h1c3", 6, shown)
             if set(answered) != {"web-2"}:
                 raise DemoError(f"expected every answer from web-2, got {answered}")
             retried = self.connect_failures() - failures_before
@@ -163,14 +209,6 @@ class Demo:
                 raise DemoError("the proxy reports no failed connect to web-1: nothing was retried")
             shown.append(f"the proxy found web-1 dead {retried} times and retried on web-2; "
                          "no call failed")
-
-    def wait_for(self, what: str, ready: Callable[[], bool]) -> None:
-        """Poll ``ready()`` for at most READY_TIMEOUT seconds: a demo never hangs."""
-        deadline = time.monotonic() + READY_TIMEOUT
-        while not ready():
-            if time.monotonic() > deadline:
-                raise DemoError(f"no {what} after {READY_TIMEOUT:.0f} s")
-            time.sleep(0.05)
 
     def routes(self) -> dict[str, Any]:
         """Service web as the agent's route table holds it ({} when absent)."""
@@ -184,23 +222,28 @@ class Demo:
 
     def teardown(self) -> None:
         """Agent first (SIGTERM: it removes its iptables rules), backends, lab, temp files."""
-        self.step = STEPS - 1  # teardown is the last step, whichever step failed
+        self.step = self.steps - 1  # teardown is the last step, whichever step failed
         with self.narrate("Tearing down: agent, web servers, lab, temporary files"):
             code = self.agent.stop()
             self.agent_log = self.agent.log().splitlines()[-LOG_TAIL:]
-            for backend in self.backends.values():
-                if backend.poll() is None:
-                    backend.terminate()  # by PID: the Popen's own process
-                    backend.wait(5)
+            self.stop_backends()
             labs.down(self.name)
             shutil.rmtree(self.work, ignore_errors=True)
             if code != 0:
                 raise DemoError(f"the agent exited with {code} on SIGTERM")
 
 
-def run_demo() -> int:
-    """Run the demo; 0 when every step passed, 1 on a failure, 130 on Ctrl-C."""
-    demo = Demo()
+def run_demo(hosts: int = 1) -> int:
+    """Run the demo (one host, or three: ``consulate demo --hosts 3``); 0 when every
+    step passed, 1 on a failure, 130 on Ctrl-C."""
+    demo: LabDemo
+    if hosts == 3:
+        # Imported here: demo_hosts builds on this module's LabDemo.
+        from consulate.control.demo_hosts import HostsDemo
+
+        demo = HostsDemo()
+    else:
+        demo = Demo()
     failure, status = "", 0
     try:
         demo.run()
@@ -224,7 +267,7 @@ def run_demo() -> int:
     if status == 130:
         print(f"demo {failure}")
         return status
-    print(f"demo FAILED {failure}\n  last lines of the agent's log:")
+    print(f"demo FAILED {failure}\n  last lines of the agent logs:")
     for line in demo.agent_log:
         print(f"      {line}")
     return status

@@ -8,7 +8,13 @@ import ipaddress
 import subprocess
 from typing import Any
 
-from consulate.control.config import DEFAULT_MARK, DEFAULT_VIP_CIDR, ConfigError, parse_mark
+from consulate.control.config import (
+    DEFAULT_MARK,
+    DEFAULT_VIP_CIDR,
+    AgentConfig,
+    ConfigError,
+    parse_mark,
+)
 from consulate.proxy import iptables
 
 
@@ -37,7 +43,8 @@ def _cmd_docker_opts(args: argparse.Namespace) -> int:
     return 0
 
 
-def redirect_rules_text(vip_cidr: str, proxy_port: int, mark: str) -> str:
+def redirect_rules_text(vip_cidr: str, proxy_port: int, mark: str,
+                        ambassador: iptables.AmbassadorRedirect | None = None) -> str:
     """The iptables-restore transaction the agent applies on a host without its rules."""
     try:
         ipaddress.IPv4Network(vip_cidr)
@@ -46,11 +53,13 @@ def redirect_rules_text(vip_cidr: str, proxy_port: int, mark: str) -> str:
     if not 1 <= proxy_port <= 65535:
         raise ConfigError(f"--proxy-port {proxy_port} must be from 1 to 65535")
     return iptables.install_script(
-        iptables.RedirectRules(vip_cidr, proxy_port, parse_mark(mark)), "")
+        iptables.RedirectRules(vip_cidr, proxy_port, parse_mark(mark), ambassador=ambassador), "")
 
 
 def _cmd_iptables(args: argparse.Namespace) -> int:
-    print(redirect_rules_text(args.vip_cidr, args.proxy_port, args.mark), end="")
+    ambassador = AgentConfig(proxy_addr=("0.0.0.0", args.proxy_port)).ambassador_redirect(
+        args.bridge_ip or bridge_address()) if args.ambassador else None
+    print(redirect_rules_text(args.vip_cidr, args.proxy_port, args.mark, ambassador), end="")
     return 0
 
 
@@ -68,4 +77,8 @@ def add_host_helper_parsers(sub: Any) -> None:
     p.add_argument("--vip-cidr", default=DEFAULT_VIP_CIDR)
     p.add_argument("--proxy-port", type=int, default=10000)
     p.add_argument("--mark", default=hex(DEFAULT_MARK))
+    p.add_argument("--ambassador", action="store_true", help="with the agent's ambassador omni "
+                   "mode rule (agent defaults for its listening ports)")
+    p.add_argument("--bridge-ip", default="", help="the bridge address omni mode takes "
+                   "(default: docker0's address)")
     p.set_defaults(func=_cmd_iptables)

@@ -16,8 +16,7 @@ import re
 
 from aiohttp import web
 
-from consulate.control.api_context import indexed_json
-from consulate.control.blocking import blocking_query
+from consulate.control.api_context import indexed_json, wait_past
 from consulate.control.registry.backend import RegistryBackend
 from consulate.control.registry.model import KVEntry
 
@@ -55,9 +54,7 @@ class _KV:
 
     async def get(self, request: web.Request) -> web.Response:
         key = _key(request)
-        query = blocking_query(request)
-        if query is not None:
-            await self.registry.wait_for_index(*query)
+        await wait_past(self.registry, request)
         if "recurse" in request.query or "keys" in request.query:
             entries, index = await self.registry.kv_list(key)
             if not entries:

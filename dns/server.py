@@ -50,6 +50,7 @@ class _UdpProtocol(asyncio.DatagramProtocol):
         self._server = server
         self._answer = server.responder.answer
         self._udp_max = server.config.udp_max
+        self._rcodes = server.rcodes
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's UDPTransport does not inherit asyncio.DatagramTransport.
@@ -62,6 +63,7 @@ class _UdpProtocol(asyncio.DatagramProtocol):
         except Exception as exc:
             reply = self._server.failed(data, exc)
         if reply:
+            self._rcodes[reply[3] & 0x0F] += 1
             self._sendto(reply, addr)
         elif reply is not None:
             self._server.forward_datagram(data, addr, self._sendto)
@@ -84,6 +86,7 @@ class _BatchedUdp:
 
     def readable(self) -> None:
         answer, udp_max, batch = self._answer, self._udp_max, self._batch
+        rcodes = self._server.rcodes
         for _ in range(self.BATCHES_PER_WAKEUP):
             try:
                 queries = batch.receive()
@@ -101,6 +104,7 @@ class _BatchedUdp:
                 except Exception as exc:
                     reply = self._server.failed(query, exc)
                 if reply:
+                    rcodes[reply[3] & 0x0F] += 1
                     replies.append((slot, reply))
                 elif reply is not None:
                     self._server.forward_datagram(query, batch.peer(slot), self._send_one)
@@ -133,6 +137,9 @@ class DnsServer:
         self._streams = 0
         self._errors = 0
         self._last_error_log = -_ERROR_LOG_INTERVAL
+        # Replies sent, by the header's 4-bit RCODE (RFC 1035 4.1.1), for /metrics:
+        # counted where each reply leaves, a list index being the cheapest count.
+        self.rcodes = [0] * 16
 
     async def listen(self, host: str, port: int) -> None:
         loop = asyncio.get_running_loop()
@@ -201,6 +208,7 @@ class DnsServer:
                                 send: Send) -> None:
         reply = await self._forward(packet, self.config.udp_max)
         if reply and (self._batched or self._transports):  # not closed meanwhile
+            self.rcodes[reply[3] & 0x0F] += 1
             send(reply, addr)
 
     async def _forward(self, packet: bytes, max_udp: int) -> bytes | None:
@@ -231,6 +239,7 @@ class DnsServer:
                 if reply is not None and not reply:
                     reply = await self._forward(packet, STREAM)
                 if reply:
+                    self.rcodes[reply[3] & 0x0F] += 1
                     writer.write(len(reply).to_bytes(2, "big") + reply)
                     await writer.drain()
         except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):

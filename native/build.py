@@ -25,6 +25,7 @@ typedef struct consulate_relay_result {
     int ncandidates;
     uint32_t candidate_addr[8];
     uint16_t candidate_port[8];
+    uint32_t failures, ejections, ejection_ms;
 } consulate_relay_result;
 
 typedef struct consulate_relay_stats {
@@ -38,12 +39,15 @@ typedef struct consulate_relay_stats {
 typedef struct consulate_service_counters {
     uint64_t connections_total, connections_active, connect_failures, rejected;
     uint64_t bytes_to_upstream, bytes_to_client;
+    uint64_t ejections, ejections_active;
+    uint64_t bytes_spliced_to_upstream, bytes_spliced_to_client;
 } consulate_service_counters;
 
 typedef struct consulate_route {
     uint32_t vip;
     uint32_t service;
     uint32_t first, count;
+    uint32_t lb;
 } consulate_route;
 
 typedef struct consulate_relay_engine consulate_relay_engine;
@@ -55,11 +59,13 @@ consulate_relay_engine *consulate_relay_new(int pipe_size, size_t splice_thresho
 int consulate_relay_notify_fd(consulate_relay_engine *e);
 int consulate_relay_add(consulate_relay_engine *e, uint64_t id, int fd_a, int fd_b);
 int consulate_relay_listen(consulate_relay_engine *e, int listen_fd, uint32_t mark,
-                           int attempts, uint32_t mark_net, uint32_t mark_mask);
+                           int attempts, uint32_t mark_net, uint32_t mark_mask,
+                           int consecutive_failures, double base_ejection_time,
+                           double max_ejection_time, int max_ejection_percent);
 void consulate_relay_unlisten(consulate_relay_engine *e);
 int consulate_relay_set_routes(consulate_relay_engine *e, const consulate_route *routes,
                                size_t count, const uint32_t *addrs, const uint16_t *ports,
-                               size_t nendpoints);
+                               const uint32_t *weights, size_t nendpoints);
 size_t consulate_relay_service_counters(consulate_relay_engine *e,
                                         consulate_service_counters *out, size_t max);
 size_t consulate_relay_poll(consulate_relay_engine *e, consulate_relay_result *out,

@@ -29,8 +29,9 @@ from consulate.native.model import (
 _ffi, _lib = _relay.ffi, _relay.lib
 
 REASONS = ("done", "error", "idle", "stopped", "connect-failed", "unrouted", "no-endpoints",
-           "accept-failed")
+           "accept-failed", "ejected", "returned")
 MAX_CANDIDATES = 8
+BALANCERS = 5  # relay.c's LB_*: indices of proxy/balance.py's LB_NAMES
 DEFAULT_PIPE_SIZE = 1 << 20  # 1 MiB pipes move ~45% more than 64 KiB ones here
 DEFAULT_SPLICE_THRESHOLD = 4096  # below this a splice read drops back to copying
 # Mode policies, in the order of relay.c's POLICY_* values (the index is passed).
@@ -79,14 +80,17 @@ class SpliceEngine:
         b.detach()
 
     def listen(self, listener: socket.socket, *, mark: int = 0, attempts: int = 3,
-               marked_network: str = "0.0.0.0/0") -> None:
+               marked_network: str = "0.0.0.0/0", consecutive_failures: int = 5,
+               base_ejection_time: float = 30.0, max_ejection_time: float = 300.0,
+               max_ejection_percent: int = 50) -> None:
         """Accept on ``listener`` and route each connection by the table of ``set_routes``.
 
         The engine reads the original destination, picks up to ``attempts``
-        endpoints of the VIP's service in round-robin order and connects (upstream
-        sockets to an address in ``marked_network`` carry ``mark``), all without
-        Python. The caller keeps the socket and must call ``unlisten`` before
-        closing it.
+        endpoints of the VIP's service with the route's balancer and connects
+        (upstream sockets to an address in ``marked_network`` carry ``mark``),
+        ejecting endpoints by the outlier policy given (proxy/outlier.py's
+        OutlierPolicy fields), all without Python. The caller keeps the socket and
+        must call ``unlisten`` before closing it.
         """
         self._check_open()
         if not 1 <= attempts <= MAX_CANDIDATES:
@@ -94,9 +98,12 @@ class SpliceEngine:
         network = ipaddress.IPv4Network(marked_network)
         rc = _lib.consulate_relay_listen(self._handle, listener.fileno(), mark, attempts,
                                          _ipv4(str(network.network_address)),
-                                         _ipv4(str(network.netmask)))
+                                         _ipv4(str(network.netmask)), consecutive_failures,
+                                         base_ejection_time, max_ejection_time,
+                                         max_ejection_percent)
         if rc != 0:
-            raise OSError(-rc, f"relay engine cannot accept: {os.strerror(-rc)}")
+            raise OSError(-rc, f"relay engine cannot accept: {os.strerror(-rc)} (or an "
+                               "outlier setting out of range)")
 
     def unlisten(self) -> None:
         """Stop accepting; the engine never touches the listener after this returns."""
@@ -107,18 +114,30 @@ class SpliceEngine:
         """Replace the engine's route table (VIP -> service id, endpoints) at once."""
         self._check_open()
         endpoints = [endpoint for route in routes for endpoint in route.endpoints]
+        weights: list[int] = []
         table = _ffi.new("consulate_route[]", max(len(routes), 1))
         first = 0
         for i, route in enumerate(routes):
+            if not 0 <= route.lb < BALANCERS:
+                raise ValueError(f"route of service id {route.service}: lb={route.lb} is not "
+                                 f"a balancer: give 0 to {BALANCERS - 1}")
+            if route.weights and len(route.weights) != len(route.endpoints):
+                raise ValueError(f"route of service id {route.service}: "
+                                 f"{len(route.weights)} weights for {len(route.endpoints)} "
+                                 "endpoints: give one per endpoint, or none")
             table[i].vip = _ipv4(route.vip)
             table[i].service = route.service
             table[i].first = first
             table[i].count = len(route.endpoints)
+            table[i].lb = route.lb
             first += len(route.endpoints)
+            weights += [max(min(w, 0xFFFFFFFF), 1) for w in route.weights] or \
+                [1] * len(route.endpoints)
         addrs = _ffi.new("uint32_t[]", [_ipv4(a) for a, _ in endpoints] or [0])
         ports = _ffi.new("uint16_t[]", [socket.htons(p) for _, p in endpoints] or [0])
+        weight_array = _ffi.new("uint32_t[]", weights or [0])
         rc = _lib.consulate_relay_set_routes(self._handle, table, len(routes), addrs, ports,
-                                             len(endpoints))
+                                             weight_array, len(endpoints))
         if rc != 0:
             raise OSError(-rc, f"relay engine refused the route table: {os.strerror(-rc)} "
                                "(duplicate or zero VIP, or a service id above 2^20)")
@@ -131,6 +150,8 @@ class SpliceEngine:
         return [EngineServiceCounters(
             int(c.connections_total), int(c.connections_active), int(c.connect_failures),
             int(c.rejected), int(c.bytes_to_upstream), int(c.bytes_to_client),
+            int(c.ejections), int(c.ejections_active), int(c.bytes_spliced_to_upstream),
+            int(c.bytes_spliced_to_client),
         ) for c in (out[i] for i in range(got))]
 
     def poll(self) -> list[RelayResult]:
@@ -180,6 +201,8 @@ class SpliceEngine:
             destination=_address(r.dest_addr, r.dest_port),
             candidates=tuple(_address(r.candidate_addr[i], r.candidate_port[i])
                              for i in range(r.ncandidates)),
+            failures=int(r.failures), ejections=int(r.ejections),
+            ejection_time=int(r.ejection_ms) / 1000,
         )
 
 

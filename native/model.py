@@ -17,7 +17,9 @@ class RelayResult:
     spliced_a_to_b: int
     spliced_b_to_a: int
     # done | error | idle | stopped | connect-failed, and for accepted connections
-    # unrouted (no original destination, or no such VIP) | no-endpoints | accept-failed
+    # unrouted (no original destination, or no such VIP) | no-endpoints | accept-failed;
+    # ejected | returned: outlier detection took candidates[0] out of the service's
+    # pool, or put it back (no connection: only service and candidates are set)
     reason: str
     error: int  # errno of an error, of the last attempt for connect-failed, of accept
     failed_mask: int = 0  # bit i: candidate i was tried and failed
@@ -27,6 +29,9 @@ class RelayResult:
     client: tuple[str, int] = ("0.0.0.0", 0)
     destination: tuple[str, int] = ("0.0.0.0", 0)  # the original one (the VIP)
     candidates: tuple[tuple[str, int], ...] = ()  # in the order they were to be tried
+    failures: int = 0  # ejected: the consecutive connect failures that caused it
+    ejections: int = 0  # ejected: how many times, this one included
+    ejection_time: float = 0.0  # ejected: for how long (seconds)
 
 
 @dataclass(frozen=True)
@@ -40,11 +45,17 @@ class EngineStats:
 
 @dataclass(frozen=True)
 class EngineRoute:
-    """What the engine needs of one service to route its VIP: ids index the counters."""
+    """What the engine needs of one service to route its VIP: ids index the counters.
+
+    ``lb`` is the balancer's index in proxy/balance.py's LB_NAMES (relay.c's LB_*),
+    ``weights`` the endpoints' weights (lb=weighted), all 1 when not given.
+    """
 
     service: int
     vip: str
     endpoints: Sequence[tuple[str, int]]
+    lb: int = 0
+    weights: Sequence[int] = ()
 
 
 @dataclass(frozen=True)
@@ -57,3 +68,7 @@ class EngineServiceCounters:
     rejected: int
     bytes_to_upstream: int
     bytes_to_client: int
+    ejections: int = 0
+    ejections_active: int = 0
+    bytes_spliced_to_upstream: int = 0  # of bytes_to_upstream, moved by splice(2)
+    bytes_spliced_to_client: int = 0

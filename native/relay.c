@@ -26,10 +26,17 @@
  * table (VIP -> service id and upstream endpoints), computed in Python from the
  * RouteTable and replaced whenever it changes. The engine then accepts, reads
  * the original destination (SO_ORIGINAL_DST, set by the iptables REDIRECT), looks
- * the VIP up, picks the candidates in round-robin order and connects, with no
- * Python on the per-connection path: connection rate is bounded by syscalls, not
- * the interpreter. It keeps per-service counters Python reads when asked, and
- * reports only what Python must log (rejections, failed connects).
+ * the VIP up, picks the candidates with the service's balancer and connects, with
+ * no Python on the per-connection path: connection rate is bounded by syscalls,
+ * not the interpreter. It keeps per-service counters Python reads when asked, and
+ * reports only what Python must log (rejections, failed connects, ejections).
+ *
+ * Balancing and outlier detection mirror proxy/balance.py and proxy/outlier.py
+ * (the Python relay's, tested there by exact sequences): same orders, same hash,
+ * same ejection rules. Each endpoint's live state (open connections, consecutive
+ * connect failures, ejection, smooth-WRR weight) is a struct upstream shared by
+ * the route tables that list it and the connections that use it (reference
+ * counted), so it survives the table being replaced at every registry change.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -58,7 +65,9 @@ enum { MODE_COPY = 0, MODE_SPLICE = 1 };
 enum { POLICY_ADAPTIVE = 0, POLICY_COPY = 1, POLICY_SPLICE = 2 };
 enum { REASON_DONE = 0, REASON_ERROR = 1, REASON_IDLE = 2, REASON_STOPPED = 3,
        REASON_CONNECT_FAILED = 4, REASON_UNROUTED = 5, REASON_NO_ENDPOINTS = 6,
-       REASON_ACCEPT_FAILED = 7 };
+       REASON_ACCEPT_FAILED = 7, REASON_EJECTED = 8, REASON_RETURNED = 9 };
+/* Balancers, in the order of proxy/balance.py's LB_NAMES (values are the API). */
+enum { LB_ROUND_ROBIN = 0, LB_LEAST_CONN = 1, LB_P2C = 2, LB_HASH = 3, LB_WEIGHTED = 4 };
 #define MAX_CANDIDATES 8
 #define ACCEPTS_PER_EVENT 64        /* drain the backlog in batches, then serve the rest */
 #define ACCEPT_PAUSE_SECONDS 0.1    /* after EMFILE/ENFILE, instead of spinning */
@@ -78,6 +87,8 @@ typedef struct consulate_relay_result {
     int ncandidates;      /* the candidates, in the order they were to be tried */
     uint32_t candidate_addr[MAX_CANDIDATES];
     uint16_t candidate_port[MAX_CANDIDATES];
+    /* REASON_EJECTED (candidate 0 is the endpoint; REASON_RETURNED sets only it): */
+    uint32_t failures, ejections, ejection_ms;
 } consulate_relay_result;
 
 typedef struct consulate_relay_stats {
@@ -92,6 +103,8 @@ typedef struct consulate_relay_stats {
 typedef struct consulate_service_counters {
     uint64_t connections_total, connections_active, connect_failures, rejected;
     uint64_t bytes_to_upstream, bytes_to_client;
+    uint64_t ejections, ejections_active; /* active: counted when read */
+    uint64_t bytes_spliced_to_upstream, bytes_spliced_to_client; /* of the bytes above */
 } consulate_service_counters;
 
 /* One route as Python gives it: endpoints [first, first + count) of the arrays
@@ -100,10 +113,25 @@ typedef struct consulate_route {
     uint32_t vip; /* network order; 0 is not a VIP */
     uint32_t service;
     uint32_t first, count;
+    uint32_t lb; /* LB_* */
 } consulate_route;
 
+/* One endpoint of one service and what the engine learned using it. */
+struct upstream {
+    struct sockaddr_in addr;
+    uint32_t service;
+    uint32_t refs;           /* route tables listing it + connections holding it */
+    uint32_t weight;         /* lb=weighted */
+    int64_t current_weight;  /* smooth weighted round robin (nginx) */
+    uint32_t active;         /* connections open or connecting to it */
+    uint32_t failures;       /* consecutive failed connects */
+    uint32_t ejections;      /* multiplier of the next ejection time */
+    double ejected_until;    /* > 0: out of the pool until then */
+    double returned_at;      /* > 0: when it last came back */
+};
+
 struct route {
-    uint32_t vip, service, first, count;
+    uint32_t vip, service, first, count, lb;
     uint32_t next_pick; /* round-robin cursor, carried over when the table changes */
 };
 
@@ -111,7 +139,15 @@ struct route {
 struct route_table {
     struct route *slots;
     uint32_t mask;
-    struct sockaddr_in *endpoints;
+    struct upstream **upstreams; /* routes[i] lists [first, first + count) */
+    size_t nupstreams;
+};
+
+/* Envoy's outlier detection for connect failures (proxy/outlier.py). */
+struct outlier_policy {
+    uint32_t consecutive_failures;
+    double base_ejection_time, max_ejection_time;
+    uint32_t max_ejection_percent;
 };
 
 struct conn;
@@ -147,6 +183,8 @@ struct conn {
     /* Connecting (fd[1] is the attempt in flight; fd[0] not polled until it succeeds). */
     int connecting;
     struct sockaddr_in candidates[MAX_CANDIDATES];
+    struct upstream *ups[MAX_CANDIDATES]; /* accepted: the candidates' state (held) */
+    struct upstream *open_up;             /* the one counted active, while it is */
     int ncandidates, attempt;
     uint32_t mark, failed_mask;
     int last_error;
@@ -190,6 +228,9 @@ typedef struct consulate_relay_engine {
     struct route_table *routes;
     consulate_service_counters *services;
     size_t nservices;
+    struct outlier_policy outlier;
+    double next_return; /* > 0: the first ejected upstream is due back then */
+    uint64_t rng;       /* xorshift64* state (p2c) */
 } consulate_relay_engine;
 
 static double now_seconds(void)
@@ -341,18 +382,29 @@ static int pump(consulate_relay_engine *e, struct direction *d, int *moved)
 
 /* -- connection lifecycle (engine lock held) --------------------------------- */
 
-static void push_result(consulate_relay_engine *e, struct conn *c, int reason, int error)
+/* A zeroed result at the end of the queue, or NULL when none can be had (what it
+ * would have reported is lost; the relay is not). */
+static consulate_relay_result *result_slot(consulate_relay_engine *e)
 {
     consulate_relay_result *r;
     if (e->results_len == e->results_cap) {
         size_t cap = e->results_cap ? e->results_cap * 2 : 64;
         consulate_relay_result *grown = realloc(e->results, cap * sizeof(*grown));
         if (grown == NULL)
-            return; /* counters of this connection are lost; the relay is not */
+            return NULL;
         e->results = grown;
         e->results_cap = cap;
     }
     r = &e->results[e->results_len++];
+    memset(r, 0, sizeof(*r));
+    return r;
+}
+
+static void push_result(consulate_relay_engine *e, struct conn *c, int reason, int error)
+{
+    consulate_relay_result *r = result_slot(e);
+    if (r == NULL)
+        return;
     r->id = c->id;
     r->bytes[0] = c->dir[0].bytes;
     r->bytes[1] = c->dir[1].bytes;
@@ -370,6 +422,21 @@ static void push_result(consulate_relay_engine *e, struct conn *c, int reason, i
     for (int i = 0; i < c->ncandidates; i++) {
         r->candidate_addr[i] = c->candidates[i].sin_addr.s_addr;
         r->candidate_port[i] = c->candidates[i].sin_port;
+    }
+}
+
+static void upstream_put(struct upstream *u)
+{
+    if (u != NULL && --u->refs == 0)
+        free(u);
+}
+
+/* The connection no longer counts as open to the upstream it held. */
+static void upstream_release(struct conn *c)
+{
+    if (c->open_up != NULL) {
+        c->open_up->active--;
+        c->open_up = NULL;
     }
 }
 
@@ -397,11 +464,16 @@ static void finish(consulate_relay_engine *e, struct conn *c, int reason, int er
         sc->connections_active--;
         sc->bytes_to_upstream += c->dir[0].bytes;
         sc->bytes_to_client += c->dir[1].bytes;
+        sc->bytes_spliced_to_upstream += c->dir[0].spliced;
+        sc->bytes_spliced_to_client += c->dir[1].spliced;
         if (reason == REASON_CONNECT_FAILED)
             sc->rejected++;
         /* Python hears of an accepted connection only when it has to log. */
         if (reason == REASON_CONNECT_FAILED || c->failed_mask != 0)
             push_result(e, c, reason, error);
+        upstream_release(c);
+        for (i = 0; i < c->ncandidates; i++)
+            upstream_put(c->ups[i]);
     } else {
         push_result(e, c, reason, error);
     }
@@ -446,26 +518,33 @@ static int arm_out(consulate_relay_engine *e, struct conn *c, int i, int on)
 
 /* -- connecting to the upstream (engine lock held) --------------------------------- */
 
-static void candidate_failed(consulate_relay_engine *e, struct conn *c, int err)
+static void outlier_failed(consulate_relay_engine *e, struct conn *c, struct upstream *u);
+
+/* The current candidate failed with err; blame: it was the endpoint's doing (its
+ * connect failed), which outlier detection counts, not ours (no socket left). */
+static void candidate_failed(consulate_relay_engine *e, struct conn *c, int err, int blame)
 {
     c->last_error = err;
     c->failed_mask |= 1u << c->attempt;
-    if (c->accepted)
+    upstream_release(c);
+    if (c->accepted) {
         e->services[c->service].connect_failures++;
+        if (blame)
+            outlier_failed(e, c, c->ups[c->attempt]);
+    }
 }
 
 /* Start the next candidate's connect; 0 when one is in flight, -1 when none is left. */
 static int start_attempt(consulate_relay_engine *e, struct conn *c, double now)
 {
     struct epoll_event ev;
-    int one = 1, fd;
+    int one = 1, fd, blame;
     for (; c->attempt < c->ncandidates; c->attempt++) {
         fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
         if (fd < 0) {
-            candidate_failed(e, c, errno);
+            candidate_failed(e, c, errno, 0);
             continue;
         }
-        /* The mark exempts the engine's own connections from the REDIRECT rules. */
         /* The mark exempts a connection from the REDIRECT rules, which match VIP
          * destinations only: an endpoint outside the VIP range needs no mark
          * (and the connection one syscall less). */
@@ -473,8 +552,14 @@ static int start_attempt(consulate_relay_engine *e, struct conn *c, double now)
             (c->candidates[c->attempt].sin_addr.s_addr & e->mark_mask) == e->mark_net)
             (void)setsockopt(fd, SOL_SOCKET, SO_MARK, &c->mark, sizeof(c->mark));
         (void)setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-        if (connect(fd, (struct sockaddr *)&c->candidates[c->attempt],
-                    sizeof(c->candidates[0])) == 0 || errno == EINPROGRESS) {
+        if (c->accepted) { /* open (connecting) to it from now: least_conn, p2c */
+            c->open_up = c->ups[c->attempt];
+            c->open_up->active++;
+        }
+        /* Refused at once (loopback does that) is the endpoint's failure. */
+        blame = connect(fd, (struct sockaddr *)&c->candidates[c->attempt],
+                        sizeof(c->candidates[0])) != 0 && errno != EINPROGRESS;
+        if (!blame) {
             memset(&ev, 0, sizeof(ev));
             /* Input too, from the start: once connected, nothing needs changing
              * (EPOLLOUT stays until a spurious wakeup clears it, see serve). */
@@ -486,7 +571,7 @@ static int start_attempt(consulate_relay_engine *e, struct conn *c, double now)
                 return 0;
             }
         }
-        candidate_failed(e, c, errno);
+        candidate_failed(e, c, errno, blame);
         close(fd);
     }
     return -1;
@@ -495,7 +580,7 @@ static int start_attempt(consulate_relay_engine *e, struct conn *c, double now)
 /* The attempt in flight failed with err: try the next candidate, or give up. */
 static void attempt_failed(consulate_relay_engine *e, struct conn *c, int err, double now)
 {
-    candidate_failed(e, c, err);
+    candidate_failed(e, c, err, 1);
     close(c->fd[1]);
     c->fd[1] = -1;
     c->attempt++;
@@ -510,6 +595,8 @@ static int connected(consulate_relay_engine *e, struct conn *c)
     struct epoll_event ev;
     c->connecting = 0;
     e->connecting--;
+    if (c->open_up != NULL)
+        c->open_up->failures = 0; /* consecutive failures only */
     c->out_armed[1] = 1; /* registered with EPOLLOUT by start_attempt */
     for (int i = 0; i < 2; i++) {
         c->dir[i].src = c->fd[i];
@@ -608,6 +695,7 @@ static void notify(consulate_relay_engine *e)
 }
 
 static void accept_ready(consulate_relay_engine *e, double now);
+static void release_due(consulate_relay_engine *e, double now);
 static void accept_resume(consulate_relay_engine *e);
 
 static void *engine_main(void *arg)
@@ -620,7 +708,13 @@ static void *engine_main(void *arg)
     while (!e->stopping) {
         /* Connect timeouts and accept pauses need a finer clock than idle ones. */
         int fine = e->connecting > 0 || e->accept_paused_until > 0;
-        n = epoll_wait(e->epfd, events, MAX_EVENTS, fine ? 50 : 1000);
+        int timeout = fine ? 50 : 1000;
+        if (e->next_return > 0) { /* wake up when an ejected endpoint is due back */
+            double wait_ms = (e->next_return - now_seconds()) * 1000 + 1;
+            if (wait_ms < timeout)
+                timeout = wait_ms > 0 ? (int)wait_ms : 0;
+        }
+        n = epoll_wait(e->epfd, events, MAX_EVENTS, timeout);
         if (n < 0 && errno != EINTR)
             break;
         pthread_mutex_lock(&e->lock);
@@ -653,6 +747,8 @@ static void *engine_main(void *arg)
         }
         if (e->accept_paused_until > 0 && now >= e->accept_paused_until)
             accept_resume(e);
+        if (e->next_return > 0 && now >= e->next_return)
+            release_due(e, now);
         if (e->idle_timeout > 0 && now - last_scan >= 1.0) {
             struct conn *c = e->conns, *next;
             for (; c != NULL; c = next) {
@@ -701,6 +797,11 @@ static consulate_relay_engine *consulate_relay_new(int pipe_size, size_t splice_
     e->policy = policy;
     e->idle_timeout = idle_timeout;
     e->connect_timeout = connect_timeout;
+    e->rng = ((uint64_t)(now_seconds() * 1e9) ^ (uint64_t)(uintptr_t)e) | 1;
+    e->outlier.consecutive_failures = 5; /* consulate_relay_listen sets the policy */
+    e->outlier.base_ejection_time = 30;
+    e->outlier.max_ejection_time = 300;
+    e->outlier.max_ejection_percent = 50;
     pthread_mutex_init(&e->lock, NULL);
     if ((e->epfd = epoll_create1(EPOLL_CLOEXEC)) < 0 ||
         (e->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)) < 0 ||
@@ -820,6 +921,279 @@ static struct route *route_find(struct route_table *t, uint32_t vip)
     return NULL;
 }
 
+/* -- balancing (engine lock held): proxy/balance.py's balancers, same orders ---- */
+
+static int ejected(const struct upstream *u)
+{
+    return u->ejected_until > 0;
+}
+
+/* Every endpoint of the pool is ejected: use them all (Envoy's panic mode). */
+static int all_ejected(struct upstream **ups, uint32_t n)
+{
+    for (uint32_t i = 0; i < n; i++)
+        if (!ejected(ups[i]))
+            return 0;
+    return 1;
+}
+
+static int taken(const uint32_t *out, uint32_t got, uint32_t i)
+{
+    for (uint32_t k = 0; k < got; k++)
+        if (out[k] == i)
+            return 1;
+    return 0;
+}
+
+/* After out[0 .. got), the usable endpoints in ring order after pick, not taken. */
+static uint32_t ring_after(struct upstream **ups, uint32_t n, int panic, uint32_t pick,
+                           uint32_t *out, uint32_t got, uint32_t want)
+{
+    for (uint32_t k = 1; k < n && got < want; k++) {
+        uint32_t i = (pick + k) % n;
+        if ((panic || !ejected(ups[i])) && !taken(out, got, i))
+            out[got++] = i;
+    }
+    return got;
+}
+
+static uint64_t next_random(consulate_relay_engine *e)
+{
+    uint64_t x = e->rng; /* xorshift64* */
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    e->rng = x;
+    return x * 0x2545F4914F6CDD1DULL;
+}
+
+static uint64_t mix64(uint64_t x)
+{
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ULL; /* splitmix64's finalizer */
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EBULL;
+    return x ^ (x >> 31);
+}
+
+/* Rendezvous score of an upstream for a client (host order), as balance.hash_score. */
+static uint64_t hash_score(uint32_t client, const struct upstream *u)
+{
+    uint64_t key = ((uint64_t)client << 32) | ntohl(u->addr.sin_addr.s_addr);
+    return mix64(key ^ ((uint64_t)ntohs(u->addr.sin_port) * 0x9E3779B97F4A7C15ULL));
+}
+
+/* Round robin from the cursor, stepping over ejected endpoints. */
+static uint32_t pick_round_robin(struct route *r, struct upstream **ups, uint32_t want,
+                                 uint32_t *out)
+{
+    uint32_t n = r->count, start = r->next_pick % n, got = 0, k;
+    for (k = 0; k < n && got < want; k++)
+        if (!ejected(ups[(start + k) % n]))
+            out[got++] = (start + k) % n;
+    for (k = 0; got == 0 && k < want; k++) /* all ejected */
+        out[k] = (start + k) % n;
+    if (got == 0)
+        got = want;
+    r->next_pick = out[0] + 1;
+    return got;
+}
+
+/* Fewest open connections first; ties in round-robin order from the cursor. */
+static uint32_t pick_least_conn(struct route *r, struct upstream **ups, uint32_t want,
+                                uint32_t *out)
+{
+    uint32_t n = r->count, start = r->next_pick % n, got, k;
+    int panic = all_ejected(ups, n);
+    for (got = 0; got < want; got++) {
+        int64_t best = -1;
+        for (k = 0; k < n; k++) {
+            uint32_t i = (start + k) % n;
+            if ((!panic && ejected(ups[i])) || taken(out, got, i))
+                continue;
+            if (best < 0 || ups[i]->active < ups[best]->active)
+                best = i;
+        }
+        if (best < 0)
+            break;
+        out[got] = (uint32_t)best;
+    }
+    r->next_pick = out[0] + 1;
+    return got;
+}
+
+/* Two drawn at random, the one with fewer open connections first, then the other. */
+static uint32_t pick_p2c(consulate_relay_engine *e, struct route *r, struct upstream **ups,
+                         uint32_t want, uint32_t *out)
+{
+    uint32_t n = r->count, usable = 0, k, x, y, first = 0, second = 0, seen = 0;
+    int panic = all_ejected(ups, n);
+    for (k = 0; k < n; k++)
+        usable += panic || !ejected(ups[k]);
+    if (usable == 1) {
+        for (k = 0; !(panic || !ejected(ups[k])); k++)
+            ;
+        out[0] = k;
+        return 1;
+    }
+    x = (uint32_t)(next_random(e) % usable);
+    y = (uint32_t)(next_random(e) % (usable - 1));
+    if (y >= x)
+        y++;
+    for (k = 0; k < n; k++) { /* the x-th and y-th usable endpoints */
+        if (!panic && ejected(ups[k]))
+            continue;
+        if (seen == x)
+            first = k;
+        if (seen == y)
+            second = k;
+        seen++;
+    }
+    if (ups[second]->active < ups[first]->active) {
+        out[0] = second;
+        out[1] = first;
+    } else {
+        out[0] = first;
+        out[1] = second;
+    }
+    return want < 2 ? 1 : ring_after(ups, n, panic, out[0], out, 2, want);
+}
+
+/* The highest rendezvous scores for this client, in order (ties: lower index). */
+static uint32_t pick_hash(struct route *r, struct upstream **ups, uint32_t client,
+                          uint32_t want, uint32_t *out)
+{
+    uint64_t best[MAX_CANDIDATES];
+    uint32_t n = r->count, got = 0, i, pos;
+    int panic = all_ejected(ups, n);
+    for (i = 0; i < n; i++) {
+        uint64_t score;
+        if (!panic && ejected(ups[i]))
+            continue;
+        score = hash_score(client, ups[i]);
+        if (got == want && score <= best[got - 1])
+            continue;
+        pos = got < want ? got++ : want - 1;
+        for (; pos > 0 && best[pos - 1] < score; pos--) {
+            best[pos] = best[pos - 1];
+            out[pos] = out[pos - 1];
+        }
+        best[pos] = score;
+        out[pos] = i;
+    }
+    return got;
+}
+
+/* nginx's smooth weighted round robin; retries in ring order after the pick. */
+static uint32_t pick_weighted(struct route *r, struct upstream **ups, uint32_t want,
+                              uint32_t *out)
+{
+    uint32_t n = r->count, i;
+    int64_t total = 0, best = -1;
+    int panic = all_ejected(ups, n);
+    for (i = 0; i < n; i++) {
+        if (!panic && ejected(ups[i]))
+            continue;
+        ups[i]->current_weight += ups[i]->weight ? ups[i]->weight : 1;
+        total += ups[i]->weight ? ups[i]->weight : 1;
+        if (best < 0 || ups[i]->current_weight > ups[best]->current_weight)
+            best = i;
+    }
+    ups[best]->current_weight -= total;
+    out[0] = (uint32_t)best;
+    return ring_after(ups, n, panic, out[0], out, 1, want);
+}
+
+/* Up to want (1 .. count) distinct endpoint indices of r for this client, in order. */
+static uint32_t pick(consulate_relay_engine *e, struct route *r, uint32_t client,
+                     uint32_t want, uint32_t *out)
+{
+    struct upstream **ups = e->routes->upstreams + r->first;
+    switch (r->lb) {
+    case LB_LEAST_CONN: return pick_least_conn(r, ups, want, out);
+    case LB_P2C: return pick_p2c(e, r, ups, want, out);
+    case LB_HASH: return pick_hash(r, ups, client, want, out);
+    case LB_WEIGHTED: return pick_weighted(r, ups, want, out);
+    default: return pick_round_robin(r, ups, want, out);
+    }
+}
+
+/* -- outlier detection (engine lock held): proxy/outlier.py's rules ------------- */
+
+static void push_upstream_event(consulate_relay_engine *e, const struct upstream *u,
+                                int reason, double seconds)
+{
+    consulate_relay_result *r = result_slot(e);
+    if (r == NULL)
+        return;
+    r->reason = reason;
+    r->service = u->service;
+    r->ncandidates = 1;
+    r->candidate_addr[0] = u->addr.sin_addr.s_addr;
+    r->candidate_port[0] = u->addr.sin_port;
+    r->failures = u->failures;
+    r->ejections = u->ejections;
+    r->ejection_ms = (uint32_t)(seconds * 1000 + 0.5);
+}
+
+/* A connect to u (a candidate of c) failed: count it, eject u at the threshold
+ * if it is still in c's pool and at most max_ejection_percent of it is out. */
+static void outlier_failed(consulate_relay_engine *e, struct conn *c, struct upstream *u)
+{
+    const struct outlier_policy *p = &e->outlier;
+    struct upstream **ups;
+    struct route *r;
+    uint32_t k, out = 0, listed = 0;
+    double now, seconds, longest;
+    if (ejected(u) || ++u->failures < p->consecutive_failures)
+        return; /* a connect begun before it was ejected changes nothing */
+    r = route_find(e->routes, c->dest.sin_addr.s_addr);
+    if (r == NULL || r->service != u->service)
+        return;
+    ups = e->routes->upstreams + r->first;
+    for (k = 0; k < r->count; k++) {
+        listed |= ups[k] == u;
+        out += ejected(ups[k]);
+    }
+    if (!listed || (uint64_t)(out + 1) * 100 > (uint64_t)r->count * p->max_ejection_percent)
+        return;
+    now = now_seconds();
+    if (u->returned_at > 0) { /* one off per base time it behaved since it came back */
+        uint64_t behaved = (uint64_t)((now - u->returned_at) / p->base_ejection_time);
+        u->ejections = behaved >= u->ejections ? 0 : u->ejections - (uint32_t)behaved;
+    }
+    u->ejections++;
+    longest = p->max_ejection_time > p->base_ejection_time ? p->max_ejection_time
+                                                           : p->base_ejection_time;
+    seconds = p->base_ejection_time * u->ejections;
+    if (seconds > longest)
+        seconds = longest;
+    u->ejected_until = now + seconds;
+    if (e->next_return == 0 || u->ejected_until < e->next_return)
+        e->next_return = u->ejected_until;
+    e->services[u->service].ejections++;
+    push_upstream_event(e, u, REASON_EJECTED, seconds);
+}
+
+/* Put back every upstream of the table whose ejection is over; find the next. */
+static void release_due(consulate_relay_engine *e, double now)
+{
+    struct route_table *t = e->routes;
+    double next = 0;
+    for (size_t i = 0; t != NULL && i < t->nupstreams; i++) {
+        struct upstream *u = t->upstreams[i];
+        if (u == NULL || !ejected(u))
+            continue;
+        if (u->ejected_until <= now) {
+            u->ejected_until = 0;
+            u->returned_at = now;
+            u->failures = 0;
+            push_upstream_event(e, u, REASON_RETURNED, 0);
+        } else if (next == 0 || u->ejected_until < next) {
+            next = u->ejected_until;
+        }
+    }
+    e->next_return = next;
+}
+
 /* Refuse an accepted connection with a reset and tell Python why. */
 static void refuse(consulate_relay_engine *e, int fd, const struct sockaddr_in *client,
                    const struct sockaddr_in *dest, uint32_t service, int reason, int error)
@@ -869,7 +1243,7 @@ static void route_accepted(consulate_relay_engine *e, int fd, const struct socka
     struct route *r;
     struct conn *c;
     consulate_service_counters *sc;
-    uint32_t k, start, ncand;
+    uint32_t k, ncand, picked[MAX_CANDIDATES] = {0};
     int one = 1;
 
     memset(&dest, 0, sizeof(dest));
@@ -900,12 +1274,15 @@ static void route_accepted(consulate_relay_engine *e, int fd, const struct socka
     c->client = *client;
     c->dest = dest;
     c->mark = e->listen_mark;
-    /* Round robin; the next candidates are the retry order. */
-    ncand = r->count < (uint32_t)e->attempts ? r->count : (uint32_t)e->attempts;
-    start = r->next_pick % r->count;
-    r->next_pick = start + 1;
-    for (k = 0; k < ncand; k++)
-        c->candidates[k] = e->routes->endpoints[r->first + (start + k) % r->count];
+    /* The balancer's pick, then the retry order; each candidate's state is held. */
+    ncand = pick(e, r, ntohl(client->sin_addr.s_addr),
+                 r->count < (uint32_t)e->attempts ? r->count : (uint32_t)e->attempts, picked);
+    for (k = 0; k < ncand; k++) {
+        struct upstream *u = e->routes->upstreams[r->first + picked[k]];
+        u->refs++;
+        c->ups[k] = u;
+        c->candidates[k] = u->addr;
+    }
     c->ncandidates = (int)ncand;
     /* Without it, a response split over two writes waits for the client's
      * delayed ACK (40 ms); the upstream sockets get it in start_attempt. */
@@ -944,13 +1321,18 @@ static void accept_ready(consulate_relay_engine *e, double now)
 
 /* Accept on listen_fd (a bound, listening, non-blocking socket the caller keeps
  * owning) and route by the table of consulate_relay_set_routes; upstream sockets
- * carry mark, and up to attempts candidates are tried per connection. */
+ * carry mark, up to attempts candidates are tried per connection, and endpoints
+ * are ejected by the outlier policy given. */
 static int consulate_relay_listen(consulate_relay_engine *e, int listen_fd, uint32_t mark,
-                                  int attempts, uint32_t mark_net, uint32_t mark_mask)
+                                  int attempts, uint32_t mark_net, uint32_t mark_mask,
+                                  int consecutive_failures, double base_ejection_time,
+                                  double max_ejection_time, int max_ejection_percent)
 {
     struct epoll_event ev;
     int rc = 0;
-    if (attempts < 1 || attempts > MAX_CANDIDATES)
+    if (attempts < 1 || attempts > MAX_CANDIDATES || consecutive_failures < 1 ||
+        !(base_ejection_time > 0) || !(max_ejection_time >= 0) ||
+        max_ejection_percent < 0 || max_ejection_percent > 100)
         return -EINVAL;
     pthread_mutex_lock(&e->lock);
     if (e->stopping) {
@@ -969,6 +1351,10 @@ static int consulate_relay_listen(consulate_relay_engine *e, int listen_fd, uint
             e->mark_net = mark_net & mark_mask;
             e->mark_mask = mark_mask;
             e->attempts = attempts;
+            e->outlier.consecutive_failures = (uint32_t)consecutive_failures;
+            e->outlier.base_ejection_time = base_ejection_time;
+            e->outlier.max_ejection_time = max_ejection_time;
+            e->outlier.max_ejection_percent = (uint32_t)max_ejection_percent;
         }
     }
     pthread_mutex_unlock(&e->lock);
@@ -987,27 +1373,57 @@ static void consulate_relay_unlisten(consulate_relay_engine *e)
     pthread_mutex_unlock(&e->lock);
 }
 
+/* Frees a table; its upstreams must have been released (or never bound). */
 static void route_table_free(struct route_table *t)
 {
     if (t == NULL)
         return;
     free(t->slots);
-    free(t->endpoints);
+    free(t->upstreams);
     free(t);
+}
+
+/* Engine lock held (or the engine stopped): the table lets go of its upstreams. */
+static void route_table_release(struct route_table *t)
+{
+    for (size_t i = 0; t != NULL && i < t->nupstreams; i++)
+        upstream_put(t->upstreams[i]);
+    route_table_free(t);
+}
+
+/* The upstream of route before (of the old table) at addr, or NULL; the same index
+ * first, as a republished route mostly lists its endpoints where they were. */
+static struct upstream *upstream_match(struct route_table *old, const struct route *before,
+                                       const struct sockaddr_in *addr, uint32_t j)
+{
+    struct upstream **ups = old->upstreams + before->first;
+    for (uint32_t k = 0; k < before->count; k++) {
+        struct upstream *u = ups[(j + k) % before->count];
+        if (u->addr.sin_addr.s_addr == addr->sin_addr.s_addr &&
+            u->addr.sin_port == addr->sin_port)
+            return u;
+    }
+    return NULL;
 }
 
 #define MAX_SERVICE_ID (1u << 20)
 
 /* Replace the route table: routes[i] names endpoints [first, first + count) of
- * addrs/ports (network order). Service ids index the counters, so they must be
- * stable per service and small. Returns 0 or -errno (EINVAL: a bad entry). */
+ * addrs/ports (network order) and weights; ranges do not overlap. Service ids
+ * index the counters, so they must be stable per service and small. An endpoint
+ * listed again for the same VIP and service keeps its state (open connections,
+ * failures, ejection). Returns 0 or -errno (EINVAL: a bad entry). */
 static int consulate_relay_set_routes(consulate_relay_engine *e, const consulate_route *routes,
                                       size_t count, const uint32_t *addrs,
-                                      const uint16_t *ports, size_t nendpoints)
+                                      const uint16_t *ports, const uint32_t *weights,
+                                      size_t nendpoints)
 {
     struct route_table *t, *old;
+    struct upstream **fresh;
+    uint8_t *listed;
     size_t cap = 16, i, nservices = 0;
     struct route *slot;
+    int rc = 0;
     if (count > MAX_SERVICE_ID)
         return -EINVAL;
     while (cap < count * 2)
@@ -1016,22 +1432,40 @@ static int consulate_relay_set_routes(consulate_relay_engine *e, const consulate
         return -ENOMEM;
     t->mask = (uint32_t)cap - 1;
     t->slots = calloc(cap, sizeof(*t->slots));
-    t->endpoints = calloc(nendpoints ? nendpoints : 1, sizeof(*t->endpoints));
-    if (t->slots == NULL || t->endpoints == NULL) {
-        route_table_free(t);
-        return -ENOMEM;
+    t->upstreams = calloc(nendpoints ? nendpoints : 1, sizeof(*t->upstreams));
+    t->nupstreams = nendpoints;
+    /* Allocated here, outside the lock; those an old upstream replaces are freed. */
+    fresh = calloc(nendpoints ? nendpoints : 1, sizeof(*fresh));
+    listed = calloc(nendpoints ? nendpoints : 1, 1);
+    if (t->slots == NULL || t->upstreams == NULL || fresh == NULL || listed == NULL) {
+        rc = -ENOMEM;
+        goto out;
     }
     for (i = 0; i < nendpoints; i++) {
-        t->endpoints[i].sin_family = AF_INET;
-        t->endpoints[i].sin_addr.s_addr = addrs[i];
-        t->endpoints[i].sin_port = ports[i];
+        if ((fresh[i] = calloc(1, sizeof(**fresh))) == NULL) {
+            rc = -ENOMEM;
+            goto out;
+        }
+        fresh[i]->addr.sin_family = AF_INET;
+        fresh[i]->addr.sin_addr.s_addr = addrs[i];
+        fresh[i]->addr.sin_port = ports[i];
+        fresh[i]->weight = weights[i];
+        fresh[i]->refs = 1;
     }
     for (i = 0; i < count; i++) {
         const consulate_route *r = &routes[i];
         if (r->vip == 0 || r->service >= MAX_SERVICE_ID || r->first > nendpoints ||
-            r->count > nendpoints - r->first || route_find(t, r->vip) != NULL) {
-            route_table_free(t);
-            return -EINVAL;
+            r->count > nendpoints - r->first || r->lb > LB_WEIGHTED ||
+            route_find(t, r->vip) != NULL) {
+            rc = -EINVAL;
+            goto out;
+        }
+        for (uint32_t k = r->first; k < r->first + r->count; k++) {
+            if (listed[k]++) { /* in two routes: one state cannot serve both */
+                rc = -EINVAL;
+                goto out;
+            }
+            fresh[k]->service = r->service;
         }
         for (slot = &t->slots[vip_hash(r->vip) & t->mask]; slot->vip != 0;
              slot = &t->slots[(size_t)(slot - t->slots + 1) & t->mask])
@@ -1040,6 +1474,7 @@ static int consulate_relay_set_routes(consulate_relay_engine *e, const consulate
         slot->service = r->service;
         slot->first = r->first;
         slot->count = r->count;
+        slot->lb = r->lb;
         if (r->service + 1 > nservices)
             nservices = r->service + 1;
     }
@@ -1048,23 +1483,46 @@ static int consulate_relay_set_routes(consulate_relay_engine *e, const consulate
         consulate_service_counters *grown = realloc(e->services, nservices * sizeof(*grown));
         if (grown == NULL) {
             pthread_mutex_unlock(&e->lock);
-            route_table_free(t);
-            return -ENOMEM;
+            rc = -ENOMEM;
+            goto out;
         }
         memset(grown + e->nservices, 0, (nservices - e->nservices) * sizeof(*grown));
         e->services = grown;
         e->nservices = nservices;
     }
     old = e->routes;
-    for (i = 0; i <= t->mask; i++) { /* keep each service's round-robin turn */
-        struct route *before = t->slots[i].vip ? route_find(old, t->slots[i].vip) : NULL;
-        if (before != NULL && before->service == t->slots[i].service)
-            t->slots[i].next_pick = before->next_pick;
+    for (i = 0; i <= t->mask; i++) { /* keep each service's turn and endpoints' state */
+        struct route *now = &t->slots[i];
+        struct route *before = now->vip ? route_find(old, now->vip) : NULL;
+        if (before != NULL && before->service != now->service)
+            before = NULL;
+        if (before != NULL)
+            now->next_pick = before->next_pick;
+        for (uint32_t j = 0; now->vip != 0 && j < now->count; j++) {
+            size_t k = now->first + j;
+            struct upstream *u = before ? upstream_match(old, before, &fresh[k]->addr, j)
+                                        : NULL;
+            if (u != NULL) {
+                u->refs++;
+                u->weight = fresh[k]->weight;
+            } else {
+                u = fresh[k];
+                fresh[k] = NULL;
+            }
+            t->upstreams[k] = u;
+        }
     }
     e->routes = t;
+    t = NULL;
+    route_table_release(old);
     pthread_mutex_unlock(&e->lock);
-    route_table_free(old);
-    return 0;
+out:
+    for (i = 0; fresh != NULL && i < nendpoints; i++)
+        free(fresh[i]); /* not used (NULL when it was) */
+    free(fresh);
+    free(listed);
+    route_table_free(t); /* NULL once published; else none of its upstreams was bound */
+    return rc;
 }
 
 /* Copies the counters of services [0, max) out; returns how many exist (<= max). */
@@ -1075,6 +1533,11 @@ static size_t consulate_relay_service_counters(consulate_relay_engine *e,
     pthread_mutex_lock(&e->lock);
     n = e->nservices < max ? e->nservices : max;
     memcpy(out, e->services, n * sizeof(*out));
+    for (size_t i = 0; e->routes != NULL && i < e->routes->nupstreams; i++) {
+        const struct upstream *u = e->routes->upstreams[i];
+        if (u != NULL && ejected(u) && u->service < n)
+            out[u->service].ejections_active++;
+    }
     pthread_mutex_unlock(&e->lock);
     return n;
 }
@@ -1137,7 +1600,7 @@ static void consulate_relay_free(consulate_relay_engine *e)
     close(e->wake_fd);
     close(e->notify_fd);
     free(e->results);
-    route_table_free(e->routes);
+    route_table_release(e->routes);
     free(e->services);
     pthread_mutex_destroy(&e->lock);
     free(e);

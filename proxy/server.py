@@ -19,12 +19,16 @@ import ipaddress
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 from consulate.native.model import EngineRoute, RelayResult
+from consulate.proxy.balance import LB_NAMES
 from consulate.proxy.origdst import original_dst
+from consulate.proxy.outlier import Ejection, OutlierPolicy
+from consulate.proxy.pool import ServicePool
 from consulate.proxy.relay import ClientSide, PythonRelay, RelaySide, reset
 from consulate.proxy.stats import ProxyStats, ServiceCounters
 from consulate.proxy.table import Endpoint, RouteTable
@@ -47,6 +51,22 @@ class _Route:
     service: str
     counters: ServiceCounters
     candidates: list[Endpoint]
+    pool: ServicePool
+    held: Endpoint | None = None  # counted open in its pool (least_conn, p2c)
+
+    def hold(self, endpoint: Endpoint) -> None:
+        self.pool.connecting(endpoint)
+        self.held = endpoint
+
+    def release(self) -> None:
+        if self.held is not None:
+            self.pool.closed(self.held)
+            self.held = None
+
+    def closed(self) -> None:
+        """The pair is over (``on_done``), whether it was ever connected or not."""
+        self.counters.count_closed()
+        self.release()
 
 
 class TransparentProxy:
@@ -60,9 +80,13 @@ class TransparentProxy:
         mark: int = 0,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         attempts: int = DEFAULT_ATTEMPTS,
+        outlier: OutlierPolicy | None = None,
     ) -> None:
         self.table = table
         self.stats = ProxyStats()
+        self._outlier = outlier if outlier is not None else OutlierPolicy()
+        self._pools: dict[str, ServicePool] = {}  # the Python relay's, by service
+        self._return_timers: dict[str, asyncio.TimerHandle] = {}
         self._engine = engine
         self._mark = mark
         self._connect_timeout = connect_timeout
@@ -99,7 +123,8 @@ class TransparentProxy:
             self._publish_routes(self.table.version)
             self._unsubscribe = self.table.subscribe(self._publish_routes)
             self._engine.listen(listener, mark=self._mark, attempts=self._attempts,
-                                marked_network=str(self.table.vip_network))
+                                marked_network=str(self.table.vip_network),
+                                **asdict(self._outlier))
         log.info("event=listen component=proxy address=%s:%d relay=%s", host, port,
                  self.relay_name)
 
@@ -116,6 +141,9 @@ class TransparentProxy:
                 self._engine.unlisten()
             self._listener.close()
             self._listener = None
+        for timer in self._return_timers.values():
+            timer.cancel()
+        self._return_timers.clear()
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
@@ -132,6 +160,8 @@ class TransparentProxy:
         """The proxy's counters, whichever relay counted them."""
         if self._engine is not None:
             self._merge_engine_counters()
+        for name, pool in self._pools.items():
+            self.stats.of(name).ejections_active = len(pool.outlier.ejected)
         return self.stats.snapshot()
 
     # -- the Python relay: route in connection_made, then connect and join -------
@@ -144,7 +174,7 @@ class TransparentProxy:
         counters = route.counters
         counters.connections_active += 1
         client.on_bytes = counters.count_to_upstream
-        client.on_done = counters.count_closed
+        client.on_done = route.closed
         task = asyncio.get_running_loop().create_task(self._connect_and_join(client, route))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -169,20 +199,23 @@ class TransparentProxy:
             return None
         counters = self.stats.of(service.name)
         counters.connections_total += 1
-        candidates = service.balancer.candidates(service.endpoints, self._attempts)
+        pool = self._pools.get(service.name)
+        if pool is None or pool.lb != service.lb:
+            pool = self._pools[service.name] = ServicePool(service.lb, self._outlier)
+        candidates = pool.candidates(service.tcp_endpoints, self._attempts, peer[0])
         if not candidates:
             counters.rejected += 1
             log.warning("event=reject client=%s:%d service=%s vip=%s reason=no-endpoints",
                         *peer, service.name, vip)
             reset(transport)
             return None
-        return _Route(peer, service.name, counters, candidates)
+        return _Route(peer, service.name, counters, candidates, pool)
 
     async def _connect_and_join(self, client: RelaySide, route: _Route) -> None:
         for endpoint in route.candidates:
             if client.closed:
                 return  # the client gave up meanwhile (its pair is already over)
-            if await self._try_endpoint(client, endpoint, route.counters):
+            if await self._try_endpoint(client, endpoint, route):
                 return
         route.counters.rejected += 1
         log.warning("event=reject client=%s:%d service=%s reason=all-attempts-failed "
@@ -191,9 +224,11 @@ class TransparentProxy:
         reset(client.transport)
 
     async def _try_endpoint(self, client: RelaySide, endpoint: Endpoint,
-                            counters: ServiceCounters) -> bool:
+                            route: _Route) -> bool:
         """Connect to one endpoint and relay it with ``client``; False when it failed."""
         address = (endpoint.address, endpoint.port)
+        counters = route.counters
+        route.hold(endpoint)
         try:
             async with asyncio.timeout(self._connect_timeout):
                 if self._mark and self._inside_vips(endpoint.address):
@@ -205,13 +240,54 @@ class TransparentProxy:
                 else:
                     await self._python.join(client, counters.count_to_client,
                                             address=address)
+            route.pool.connected(endpoint)
             return True
         except (OSError, TimeoutError) as exc:
+            route.release()
             counters.connect_failures += 1
             reason = "timeout" if isinstance(exc, TimeoutError) else exc.strerror or repr(exc)
             log.warning("event=connect-failed service=%s endpoint=%s address=%s:%d error=%r",
                         endpoint.service, endpoint.id, endpoint.address, endpoint.port, reason)
+            service = self.table.service(route.service)
+            ejection = route.pool.failed(endpoint, service.tcp_endpoints if service else ())
+            if ejection is not None:
+                counters.ejections += 1
+                self._log_ejection(route.service, ejection)
+                self._schedule_returns(route.service)
             return False
+
+    def _schedule_returns(self, name: str) -> None:
+        """Wake up when the service's next ejected endpoint is due back."""
+        pool = self._pools.get(name)
+        due = pool.outlier.next_return() if pool is not None else None
+        timer = self._return_timers.pop(name, None)
+        if timer is not None:
+            timer.cancel()
+        if due is not None:
+            # A timer may fire a hair early for the monotonic clock: 1 ms of slack.
+            self._return_timers[name] = asyncio.get_running_loop().call_later(
+                max(due - time.monotonic(), 0) + 0.001, self._release_due, name)
+
+    def _release_due(self, name: str) -> None:
+        self._return_timers.pop(name, None)
+        pool = self._pools.get(name)
+        if pool is None:
+            return
+        for address, port in pool.outlier.release_due():
+            self._log_return(name, address, port)
+        self._schedule_returns(name)
+
+    def _log_ejection(self, name: str, ejection: Ejection[tuple[str, int]]) -> None:
+        """One line per ejection, with Envoy's outlier-event fields."""
+        address, port = ejection.key
+        log.warning("event=eject service=%s endpoint=%s address=%s:%d "
+                    "type=consecutive_connect_failure failures=%d num_ejections=%d "
+                    "ejection_time=%.3f", name, self._endpoint_id(name, address, port),
+                    address, port, ejection.failures, ejection.ejections, ejection.seconds)
+
+    def _log_return(self, name: str, address: str, port: int) -> None:
+        log.info("event=uneject service=%s endpoint=%s address=%s:%d", name,
+                 self._endpoint_id(name, address, port), address, port)
 
     async def _marked_connection(self, address: tuple[str, int]) -> socket.socket:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -233,7 +309,9 @@ class TransparentProxy:
         for service in self.table.services():
             service_id = self._service_ids.setdefault(service.name, len(self._service_ids))
             routes.append(EngineRoute(service_id, str(service.vip),
-                                      [(e.address, e.port) for e in service.endpoints]))
+                                      [(e.address, e.port) for e in service.tcp_endpoints],
+                                      lb=LB_NAMES.index(service.lb),
+                                      weights=[e.weight for e in service.tcp_endpoints]))
         self._engine.set_routes(routes)
 
     def _merge_engine_counters(self) -> None:
@@ -251,7 +329,7 @@ class TransparentProxy:
     def _endpoint_id(self, service_name: str, address: str, port: int) -> str:
         """The id of the endpoint the engine tried ("?" if it has left the table since)."""
         service = self.table.service(service_name)
-        for endpoint in service.endpoints if service is not None else ():
+        for endpoint in service.tcp_endpoints if service is not None else ():
             if (endpoint.address, endpoint.port) == (address, port):
                 return endpoint.id
         return "?"
@@ -271,6 +349,13 @@ class TransparentProxy:
                             *client, name, vip)
             elif result.reason == "accept-failed":
                 log.warning("event=accept-failed error=%r", os.strerror(result.error))
+            elif result.reason == "ejected":
+                self._log_ejection(name, Ejection(result.candidates[0], result.failures,
+                                                  result.ejections, result.ejection_time))
+                continue
+            elif result.reason == "returned":
+                self._log_return(name, *result.candidates[0])
+                continue
             for i, (address, endpoint_port) in enumerate(result.candidates):
                 if result.failed_mask & (1 << i):
                     log.warning("event=connect-failed service=%s endpoint=%s address=%s:%d",

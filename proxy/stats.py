@@ -15,6 +15,12 @@ class ServiceCounters:
     rejected: int = 0  # closed at once: no endpoint, or every attempt failed
     bytes_to_upstream: int = 0
     bytes_to_client: int = 0
+    ejections: int = 0  # outlier ejections so far (Envoy's ejections_enforced_total)
+    ejections_active: int = 0  # endpoints out of the pool now (Envoy's ejections_active)
+    # Of the bytes above, those the native engine moved with splice(2), in the
+    # kernel; the rest were copied through user space (the Python relay copies all).
+    bytes_spliced_to_upstream: int = 0
+    bytes_spliced_to_client: int = 0
 
     # Bound methods handed to the Python relay as per-chunk callbacks (hot path).
     def count_to_upstream(self, n: int) -> None:

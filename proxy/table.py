@@ -11,9 +11,9 @@ from __future__ import annotations
 import ipaddress
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from consulate.proxy.balance import RoundRobin
+from consulate.proxy.balance import DEFAULT_LB, resolve_lb
 from consulate.proxy.vip import VipAllocator
 
 log = logging.getLogger("consulate.routes")
@@ -24,7 +24,9 @@ class Endpoint:
     """One live instance the proxy may connect to.
 
     ``weight`` is the registration's passing weight (Consul's ``Weights.Passing``):
-    DNS sends it in SRV records and samples by it when an answer must be trimmed.
+    DNS sends it in SRV records and samples by it when an answer must be trimmed,
+    and lb=weighted balances by it. ``lb`` is the instance's meta ``lb``: the
+    balancer it asks for its service.
     """
 
     service: str
@@ -34,19 +36,35 @@ class Endpoint:
     tags: tuple[str, ...] = ()
     node: str = ""
     weight: int = 1
+    lb: str = ""
 
 
 @dataclass
 class Service:
-    """A service as routed: its VIP, endpoints (ordered by id) and balancer."""
+    """A service as routed: its VIP, endpoints (ordered by id) and balancer.
+
+    ``lb`` is the balancer (proxy/balance.py's LB_NAMES) the first endpoint (by
+    id) that sets meta ``lb`` asks for; ``lb_meta`` that raw value.
+    ``tcp_endpoints`` are the endpoints the TCP proxy connects to: all but those
+    tagged ``udp`` (registrator's mark of a UDP port, served by proxy/udp.py);
+    kept as one tuple per change, so that consumers can tell changes by identity.
+    """
 
     name: str
     vip: ipaddress.IPv4Address
     endpoints: tuple[Endpoint, ...] = ()
-    balancer: RoundRobin = field(default_factory=RoundRobin)
+    tcp_endpoints: tuple[Endpoint, ...] = ()
+    lb: str = DEFAULT_LB
+    lb_meta: str = ""
 
 
 Listener = Callable[[int], None]
+
+
+def _assign(service: Service, endpoints: tuple[Endpoint, ...]) -> None:
+    """Set a service's endpoints, and the TCP subset with them."""
+    service.endpoints = endpoints
+    service.tcp_endpoints = tuple(e for e in endpoints if "udp" not in e.tags)
 
 
 class RouteTable:
@@ -130,13 +148,26 @@ class RouteTable:
 
     def _set_endpoints(self, name: str, members: list[Endpoint]) -> None:
         service = self._ensure(name)
-        service.endpoints = tuple(sorted(members, key=lambda e: e.id))
+        _assign(service, tuple(sorted(members, key=lambda e: e.id)))
         for endpoint in members:
             self._service_of[endpoint.id] = name
+        self._set_lb(service)
+
+    def _set_lb(self, service: Service) -> None:
+        meta = next((e.lb for e in service.endpoints if e.lb), "")
+        if meta == service.lb_meta or not service.endpoints:
+            return  # unchanged (or no endpoint left to say: keep the last choice)
+        service.lb_meta = meta
+        service.lb, error = resolve_lb(meta)
+        if error is not None:
+            log.warning("event=lb-unknown service=%s lb=%s using=%s error=%r", service.name,
+                        meta, service.lb, error)
+        else:
+            log.info("event=lb service=%s lb=%s", service.name, service.lb)
 
     def _drop_endpoint(self, name: str, endpoint_id: str) -> None:
         service = self._services[name]
-        service.endpoints = tuple(e for e in service.endpoints if e.id != endpoint_id)
+        _assign(service, tuple(e for e in service.endpoints if e.id != endpoint_id))
         del self._service_of[endpoint_id]
 
     def _changed(self) -> None:

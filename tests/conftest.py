@@ -86,7 +86,9 @@ def agent(
     """The agent in h1, once with each relay: the end-to-end suite runs against both."""
     work = tmp_path_factory.mktemp(f"agent-{request.param}")
     running = LabAgent(mesh_lab, 1, work / "data", work / "agent.log",
-                       extra_args=["--relay", request.param, "--connect-timeout", "1"]).start()
+                       extra_args=["--relay", request.param, "--connect-timeout", "1",
+                                   # a test module may add flags (AGENT_EXTRA_ARGS)
+                                   *getattr(request.module, "AGENT_EXTRA_ARGS", ())]).start()
     assert running.api("GET", "/v1/agent/self")["Stats"]["relay"]["engine"] == request.param
     try:
         yield running

@@ -1,17 +1,5 @@
-"""Stopping a server process a test started: by its PID, politely first."""
+"""The tests' name for consulate.control.procstop (stopping a process by its PID)."""
 
-from __future__ import annotations
+from consulate.control.procstop import stop_process
 
-import subprocess
-
-
-def stop_process(process: subprocess.Popen[bytes] | None, grace: float = 10) -> None:
-    """SIGTERM, then SIGKILL if it is still there after ``grace`` seconds; reaped."""
-    if process is None or process.poll() is not None:
-        return
-    process.terminate()
-    try:
-        process.wait(grace)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+__all__ = ["stop_process"]

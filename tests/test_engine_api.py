@@ -15,8 +15,9 @@ from collections.abc import Iterator
 import pytest
 
 from consulate.native import capabilities
-from consulate.native.engine import SpliceEngine
+from consulate.native.engine import BALANCERS, SpliceEngine
 from consulate.native.model import EngineRoute, EngineServiceCounters
+from consulate.proxy.balance import LB_NAMES
 
 
 @pytest.fixture
@@ -49,10 +50,28 @@ def test_a_bad_route_table_is_refused_whole(engine: SpliceEngine,
     assert len(engine.service_counters(8)) == 1  # the previous table stands
 
 
+def test_the_engine_knows_every_balancer() -> None:
+    assert len(LB_NAMES) == BALANCERS  # relay.c's LB_* follow LB_NAMES
+
+
+@pytest.mark.parametrize(("route", "message"), [
+    (EngineRoute(3, "240.0.0.5", [("127.0.0.1", 80)], lb=5), "service id 3: lb=5 is not a "
+     "balancer: give 0 to 4"),
+    (EngineRoute(3, "240.0.0.5", [("127.0.0.1", 80)], weights=[1, 2]), "service id 3: 2 "
+     "weights for 1 endpoints: give one per endpoint, or none"),
+])
+def test_a_route_with_a_bad_balancer_or_weights_is_refused_with_the_fix(
+        engine: SpliceEngine, route: EngineRoute, message: str) -> None:
+    engine.set_routes([EngineRoute(0, "240.0.0.9", [("127.0.0.1", 80)])])
+    with pytest.raises(ValueError, match=message):
+        engine.set_routes([route])
+    assert len(engine.service_counters(8)) == 1  # the previous table stands
+
+
 def test_counters_exist_for_every_published_service(engine: SpliceEngine) -> None:
     engine.set_routes([EngineRoute(0, "240.0.0.1", [("127.0.0.1", 1)]),
                        EngineRoute(2, "240.0.0.3", [])])
-    zero = EngineServiceCounters(0, 0, 0, 0, 0, 0)
+    zero = EngineServiceCounters(0, 0, 0, 0, 0, 0, 0, 0)
     assert engine.service_counters(8) == [zero] * 3  # ids 0..2, 1 never used
     assert engine.service_counters(1) == [zero]
     engine.set_routes([])  # services that leave keep their counters
@@ -85,7 +104,7 @@ def test_a_connection_that_was_not_redirected_is_reset_and_reported(
         with pytest.raises(ConnectionResetError):
             client.recv(1)
     assert (engine.stats().accepted, engine.stats().unrouted) == (1, 1)
-    assert engine.service_counters(1) == [EngineServiceCounters(0, 0, 0, 0, 0, 0)]
+    assert engine.service_counters(1) == [EngineServiceCounters(0, 0, 0, 0, 0, 0, 0, 0)]
 
 
 def test_a_closed_engine_says_so(listener: socket.socket) -> None:

@@ -51,14 +51,14 @@ async def register(api: Api, body: dict[str, Any]) -> None:
 
 async def test_ttl_check_is_critical_until_passed_then_expires(api: Api) -> None:
     await register(api, {"ID": "db-1", "Name": "db", "Port": 5432, "Check": {"TTL": "1s"}})
-    assert await api.get_json("/v1/health/service/db?passing") == ([], 1)
+    assert await api.get_json("/v1/health/service/db?passing") == ([], 2)
     assert await api.put("/v1/agent/check/pass/service:db-1?note=ready") == (200, "")
     body, index = await api.get_json("/v1/health/service/db?passing")
-    assert ([e["Service"]["ID"] for e in body], index) == (["db-1"], 2)
+    assert ([e["Service"]["ID"] for e in body], index) == (["db-1"], 3)
     assert body[0]["Checks"][0]["Output"] == "ready"
     # No update within the TTL: critical, and the instance stays registered.
-    body, index = await api.get_json("/v1/health/checks/db?index=2&wait=5s")
-    assert (statuses(body), index) == ([("service:db-1", "critical")], 3)
+    body, index = await api.get_json("/v1/health/checks/db?index=3&wait=5s")
+    assert (statuses(body), index) == ([("service:db-1", "critical")], 4)
     assert body[0]["Output"] == "TTL expired (no update in 1s)"
     assert [i.id for i in (await api.registry.instances())[0]] == ["db-1"]
 
@@ -212,7 +212,7 @@ async def test_health_service_entry_is_consuls_shape(api: Api) -> None:
                  "CreateIndex": 0, "ModifyIndex": 0},
         "Service": {"ID": "web-1", "Service": "web", "Tags": ["v1", "blue"], "Meta": {"n": "1"},
                     "Port": 80, "Address": "10.0.0.1", "Weights": {"Passing": 1, "Warning": 1},
-                    "EnableTagOverride": False, "CreateIndex": 1, "ModifyIndex": 2},
+                    "EnableTagOverride": False, "CreateIndex": 2, "ModifyIndex": 3},
         "Checks": [{
             "Node": NODE, "CheckID": "service:web-1", "Name": "Service 'web' check",
             "Status": "passing", "Notes": "", "Output": "pass", "ServiceID": "web-1",
@@ -221,7 +221,7 @@ async def test_health_service_entry_is_consuls_shape(api: Api) -> None:
             "Definition": {"HTTP": "", "TCP": "", "ScriptArgs": None, "Method": "",
                            "Header": None, "TLSSkipVerify": False, "Interval": "",
                            "Timeout": "", "TTL": "1m0s", "DeregisterCriticalServiceAfter": ""},
-            "CreateIndex": 1, "ModifyIndex": 2}],
+            "CreateIndex": 2, "ModifyIndex": 3}],
     }]
 
 

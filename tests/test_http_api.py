@@ -50,7 +50,7 @@ async def test_register_then_list_services(api: Api) -> None:
     assert await api.put("/v1/agent/service/register", WEB_1) == (200, "")
     async with api.client.get("/v1/catalog/services") as response:
         assert response.status == 200
-        assert response.headers["X-Consul-Index"] == str(api.registry.index) == "1"
+        assert response.headers["X-Consul-Index"] == str(api.registry.index) == "2"
         assert response.headers["X-Consul-KnownLeader"] == "true"
         assert await response.json() == {"web": ["blue", "v1"]}
 
@@ -62,7 +62,7 @@ async def test_services_merge_tags_per_service(api: Api) -> None:
                    "Tags": ["v2", "blue"]})
     await api.put("/v1/agent/service/register", {"Name": "db", "Port": 5432})
     assert await api.get_json("/v1/catalog/services") == (
-        {"db": [], "web": ["blue", "v1", "v2"]}, 3
+        {"db": [], "web": ["blue", "v1", "v2"]}, 4
     )
 
 
@@ -70,10 +70,10 @@ async def test_catalog_service_has_consuls_fields(api: Api) -> None:
     await api.put("/v1/agent/service/register", {**WEB_1, "Meta": {"version": "2"}})
     await api.put("/v1/agent/service/register", {"Name": "web", "ID": "web-0", "Port": 8080})
     body, index = await api.get_json("/v1/catalog/service/web")
-    assert index == 2
+    assert index == 3
     assert body == [
-        entry("web-0", NODE_ADDRESS, 8080, [], 2),  # Address defaults to the agent's
-        entry("web-1", "10.0.0.5", 80, ["v1", "blue"], 1, meta={"version": "2"}),
+        entry("web-0", NODE_ADDRESS, 8080, [], 3),  # Address defaults to the agent's
+        entry("web-1", "10.0.0.5", 80, ["v1", "blue"], 2, meta={"version": "2"}),
     ]
 
 
@@ -91,11 +91,11 @@ async def test_catalog_shows_registered_weights_as_consul_does(api: Api) -> None
 async def test_reregistration_shows_in_modify_index(api: Api) -> None:
     await api.put("/v1/agent/service/register", WEB_1)
     await api.put("/v1/agent/service/register", WEB_1)  # identical: no new index
-    assert api.registry.index == 1
+    assert api.registry.index == 2
     await api.put("/v1/agent/service/register", {**WEB_1, "Port": 81})
     body, index = await api.get_json("/v1/catalog/service/web")
-    assert index == 2
-    assert body == [entry("web-1", "10.0.0.5", 81, ["v1", "blue"], 1, modify_index=2)]
+    assert index == 3
+    assert body == [entry("web-1", "10.0.0.5", 81, ["v1", "blue"], 2, modify_index=3)]
 
 
 async def test_catalog_service_tag_filter(api: Api) -> None:
@@ -118,7 +118,7 @@ async def test_catalog_service_tag_filter(api: Api) -> None:
 
 async def test_unknown_service_is_an_empty_list(api: Api) -> None:
     await api.put("/v1/agent/service/register", WEB_1)
-    assert await api.get_json("/v1/catalog/service/nothing") == ([], 1)
+    assert await api.get_json("/v1/catalog/service/nothing") == ([], 2)
 
 
 async def test_deregister(api: Api) -> None:
@@ -126,8 +126,8 @@ async def test_deregister(api: Api) -> None:
     await api.put("/v1/agent/service/register", {"Name": "db", "Port": 5432})
     assert await api.put("/v1/agent/service/deregister/web-1") == (200, "")
     assert await api.registry.get("web-1") is None
-    assert await api.get_json("/v1/catalog/services") == ({"db": []}, 3)
-    assert await api.get_json("/v1/catalog/service/web") == ([], 3)
+    assert await api.get_json("/v1/catalog/services") == ({"db": []}, 4)
+    assert await api.get_json("/v1/catalog/service/web") == ([], 4)
 
 
 # -- rejections -----------------------------------------------------------------------
@@ -249,21 +249,42 @@ async def test_blocking_services_query_returns_after_a_registration(api: Api) ->
     assert body == {"db": [], "web": ["blue", "v1"]}
 
 
+async def test_a_blocking_query_on_an_empty_registry_wakes_on_the_first_write(
+        api: Api) -> None:
+    body, index = await api.get_json("/v1/catalog/services")
+    assert (body, index) == ({}, 1)  # never 0, as Consul
+    query = asyncio.ensure_future(api.get_json(f"/v1/catalog/services?index={index}&wait=5s"))
+    await asyncio.sleep(0.1)
+    assert not query.done()
+    await api.put("/v1/agent/service/register", WEB_1)
+    assert await asyncio.wait_for(query, STEP) == ({"web": ["blue", "v1"]}, 2)  # a new index
+
+
+async def test_an_index_from_a_registry_that_was_reset_wakes_on_the_next_write(
+        api: Api) -> None:
+    await api.put("/v1/agent/service/register", WEB_1)
+    query = asyncio.ensure_future(api.get_json("/v1/catalog/services?index=900&wait=5s"))
+    await asyncio.sleep(0.1)
+    assert not query.done()
+    await api.put("/v1/agent/service/register", {"Name": "db", "Port": 5432})
+    assert await asyncio.wait_for(query, STEP) == ({"db": [], "web": ["blue", "v1"]}, 3)
+
+
 async def test_blocking_service_query_returns_after_a_deregistration(api: Api) -> None:
     await api.put("/v1/agent/service/register", WEB_1)
-    query = asyncio.ensure_future(api.get_json("/v1/catalog/service/web?index=1&wait=5s"))
+    query = asyncio.ensure_future(api.get_json("/v1/catalog/service/web?index=2&wait=5s"))
     await asyncio.sleep(0.1)
     assert not query.done()
     await api.put("/v1/agent/service/deregister/web-1")
-    assert await asyncio.wait_for(query, STEP) == ([], 2)
+    assert await asyncio.wait_for(query, STEP) == ([], 3)
 
 
 async def test_blocking_query_with_an_old_index_returns_at_once(api: Api) -> None:
     await api.put("/v1/agent/service/register", WEB_1)
     await api.put("/v1/agent/service/register", {"Name": "db", "Port": 5432})
     started = time.monotonic()
-    assert await api.get_json("/v1/catalog/services?index=1&wait=5s") == (
-        {"db": [], "web": ["blue", "v1"]}, 2
+    assert await api.get_json("/v1/catalog/services?index=2&wait=5s") == (
+        {"db": [], "web": ["blue", "v1"]}, 3
     )
     assert time.monotonic() - started < 0.5
 
@@ -271,8 +292,8 @@ async def test_blocking_query_with_an_old_index_returns_at_once(api: Api) -> Non
 async def test_blocking_query_times_out_with_the_same_index(api: Api) -> None:
     await api.put("/v1/agent/service/register", WEB_1)
     started = time.monotonic()
-    assert await api.get_json("/v1/catalog/services?index=1&wait=100ms") == (
-        {"web": ["blue", "v1"]}, 1
+    assert await api.get_json("/v1/catalog/services?index=2&wait=100ms") == (
+        {"web": ["blue", "v1"]}, 2
     )
     assert 0.09 <= time.monotonic() - started < 0.6
 
@@ -363,11 +384,11 @@ async def test_py_consul_client_against_the_api(tmp_path: Path) -> None:
 
     assert seen["register"] is True
     assert seen["register_ttl"] is True
-    assert seen["critical_before_pass"] == ("2", [])  # a TTL check starts critical
+    assert seen["critical_before_pass"] == ("3", [])  # a TTL check starts critical
     assert seen["ttl_pass"] is True
     assert seen["passing_after_pass"] == "db-1"
     assert seen["ttl_warn"] is True
-    assert seen["passing_after_warn"] == ("4", [])
+    assert seen["passing_after_warn"] == ("5", [])
     assert seen["checks"] == {"service:db-1": {
         "Node": NODE, "CheckID": "service:db-1", "Name": "Service 'db' check",
         "Status": "warning", "Notes": "", "Output": "slow disk", "ServiceID": "db-1",
@@ -375,15 +396,15 @@ async def test_py_consul_client_against_the_api(tmp_path: Path) -> None:
         "Definition": {"HTTP": "", "TCP": "", "ScriptArgs": None, "Method": "", "Header": None,
                        "TLSSkipVerify": False, "Interval": "", "Timeout": "", "TTL": "10s",
                        "DeregisterCriticalServiceAfter": ""},
-        "CreateIndex": 2, "ModifyIndex": 4}}
+        "CreateIndex": 3, "ModifyIndex": 5}}
     assert seen["ttl_pass_again"] is True
-    assert seen["services"] == ("5", {"db": [], "web": ["v1"]})
-    assert seen["service"] == ("5", [entry("web-1", "10.0.0.5", 80, ["v1"], 1)])
-    assert seen["service_tag"] == ("5", [])
+    assert seen["services"] == ("6", {"db": [], "web": ["v1"]})
+    assert seen["service"] == ("6", [entry("web-1", "10.0.0.5", 80, ["v1"], 2)])
+    assert seen["service_tag"] == ("6", [])
     assert seen["leader"] == LEADER
     assert seen["self"] == SELF_INFO
     assert seen["deregister"] is True
-    assert seen["services_after"] == ("6", {"db": []})
+    assert seen["services_after"] == ("7", {"db": []})
     assert seen["bad_register"] == (
         "400 Port 70000 is invalid: give a number from 1 to 65535"
     )

@@ -48,8 +48,8 @@ async def test_put_get_raw_and_flags(client: TestClient) -> None:  # type: ignor
     [entry] = await response.json()
     assert entry == {"LockIndex": 0, "Key": "app/config", "Flags": 7,
                      "Value": base64.b64encode(b"\x00\xffbinary").decode(),
-                     "CreateIndex": 1, "ModifyIndex": 1}
-    assert response.headers["X-Consul-Index"] == "1"
+                     "CreateIndex": 2, "ModifyIndex": 2}
+    assert response.headers["X-Consul-Index"] == "2"
     raw = await client.get("/v1/kv/app/config?raw")
     assert await raw.read() == b"\x00\xffbinary"
 
@@ -70,7 +70,7 @@ async def test_cas_and_delete(client: TestClient) -> None:  # type: ignore[type-
     assert await (await client.put("/v1/kv/lock?cas=0", data=b"b")).json() is False
     assert await (await client.put("/v1/kv/lock?cas=99", data=b"c")).json() is False
     assert await (await client.delete("/v1/kv/lock?cas=99")).json() is False
-    assert await (await client.delete("/v1/kv/lock?cas=1")).json() is True
+    assert await (await client.delete("/v1/kv/lock?cas=2")).json() is True
     await client.put("/v1/kv/tree/a", data=b"1")
     await client.put("/v1/kv/tree/b", data=b"2")
     assert await (await client.delete("/v1/kv/tree/?recurse")).json() is True

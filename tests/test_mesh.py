@@ -63,8 +63,26 @@ def test_one_endpoint_of_three_down_all_connections_succeed(
     assert sum(r["ok"] for r in results) == 100
     assert {r["id"] for r in results} == {"api-1", "api-2"}
     counters = agent.api("GET", "/v1/agent/self")["Stats"]["proxy"]["services"]["api"]
-    assert counters["connect_failures"] >= 30  # every third first pick was retried
+    # Every third first pick was retried until the fifth failure ejected api-3 for
+    # 30 s (outlier detection): no attempt on it after that.
+    assert (counters["connect_failures"], counters["ejections"]) == (5, 1)
     assert counters["rejected"] == 0
+
+
+def test_udp_tagged_instances_get_no_tcp_connections(
+    mesh_lab: Lab, agent: LabAgent, peers: Peers
+) -> None:
+    """registrator registers a UDP port as its own instance, tagged udp: the TCP proxy
+    leaves it to the UDP path (nothing of TCP listens there)."""
+    peers.serve("h1c1", "dns-1", 5353)
+    agent.register("dns", "dns-1", mesh_lab.container_ip(1, 1), 5353)
+    agent.api("PUT", "/v1/agent/service/register", {
+        "ID": "dns-1-udp", "Name": "dns", "Address": mesh_lab.container_ip(1, 2),
+        "Port": 5353, "Tags": ["udp"]})
+    results = peers.connect("h1c4", "dns.service.consul", 5353, count=6, size=100)
+    assert [(r["ok"], r["id"]) for r in results] == [(True, "dns-1")] * 6
+    counters = agent.api("GET", "/v1/agent/self")["Stats"]["proxy"]["services"]["dns"]
+    assert (counters["connect_failures"], counters["rejected"]) == (0, 0)
 
 
 def test_vip_without_endpoints_is_closed_at_once_with_a_reason(
@@ -132,11 +150,20 @@ def test_counters_count_every_byte_and_connection(
     deadline = time.monotonic() + 2
     while counters()["connections_active"] and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert counters() == {
+    final = counters()
+    spliced = (final.pop("bytes_spliced_to_upstream"), final.pop("bytes_spliced_to_client"))
+    assert final == {
         "connections_total": 3, "connections_active": 0, "connect_failures": 0,
         "rejected": 0, "bytes_to_upstream": 3 * 100_000,
         "bytes_to_client": 3 * (len("tally-1\n") + 100_000 + trailer),
+        "ejections": 0, "ejections_active": 0,
     }
+    # The engine splices what it can of 100 kB streams; the Python relay copies all.
+    if agent.api("GET", "/v1/agent/self")["Stats"]["relay"]["engine"] == "python":
+        assert spliced == (0, 0)
+    else:
+        assert 0 < spliced[0] <= final["bytes_to_upstream"]
+        assert 0 < spliced[1] <= final["bytes_to_client"]
 
 
 def test_address_in_the_vip_range_but_no_service_is_reset(

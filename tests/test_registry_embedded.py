@@ -81,17 +81,18 @@ def rows_in_db(path: Path) -> list[str]:
 
 
 async def test_fresh_registry_is_empty(registry: EmbeddedRegistry) -> None:
-    assert registry.index == 0
-    assert await registry.instances() == ([], 0)
+    # Index 1, as an empty etcd: the API never says 0, and no write may say 1.
+    assert registry.index == 1
+    assert await registry.instances() == ([], 1)
 
 
 async def test_register_returns_the_instance_with_indexes(registry: EmbeddedRegistry) -> None:
     stored = await registry.register(web(tags=("v1",), meta={"k": "v"}))
     assert stored == Instance(id="web-1", name="web", address="10.0.0.5", port=80,
-                              tags=("v1",), meta={"k": "v"}, create_index=1, modify_index=1)
-    assert registry.index == 1
+                              tags=("v1",), meta={"k": "v"}, create_index=2, modify_index=2)
+    assert registry.index == 2
     second = await registry.register(web("web-2"))
-    assert (second.create_index, second.modify_index) == (2, 2)
+    assert (second.create_index, second.modify_index) == (3, 3)
     assert await registry.get("web-1") == stored
     assert await registry.get("nope") is None
 
@@ -102,9 +103,9 @@ async def test_reregistering_the_same_definition_changes_no_index(
     first = await registry.register(web(tags=("v1",)))
     again = await registry.register(web(tags=("v1",)))
     assert again == first
-    assert (again.create_index, again.modify_index) == (1, 1)
-    assert registry.index == 1
-    assert await registry.instances() == ([first], 1)
+    assert (again.create_index, again.modify_index) == (2, 2)
+    assert registry.index == 2
+    assert await registry.instances() == ([first], 2)
 
 
 async def test_reregistering_a_changed_definition_bumps_modify_index(
@@ -113,8 +114,8 @@ async def test_reregistering_a_changed_definition_bumps_modify_index(
     await registry.register(web())
     await registry.register(web("db-1"))
     changed = await registry.register(web(port=8080))
-    assert (changed.create_index, changed.modify_index, changed.port) == (1, 3, 8080)
-    assert registry.index == 3
+    assert (changed.create_index, changed.modify_index, changed.port) == (2, 4, 8080)
+    assert registry.index == 4
     assert await registry.get("web-1") == changed
 
 
@@ -127,9 +128,9 @@ async def test_index_only_grows(registry: EmbeddedRegistry) -> None:
     seen.append((await registry.register(web("b", port=81))).modify_index)
     seen.append(await registry.deregister("b"))
     seen.append(await registry.deregister("a"))
-    assert seen == [0, 1, 2, 3, 4, 5, 6, 7]
-    assert registry.index == 7
-    assert await registry.instances() == ([], 7)
+    assert seen == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert registry.index == 8
+    assert await registry.instances() == ([], 8)
 
 
 async def test_deregister_unknown_id_raises_naming_it(registry: EmbeddedRegistry) -> None:
@@ -142,7 +143,7 @@ async def test_deregister_unknown_id_raises_naming_it(registry: EmbeddedRegistry
         "Unknown service ID 'ghost-7': list registered ids with "
         "GET /v1/catalog/service/<name> or `consulate services`"
     )
-    assert registry.index == 1
+    assert registry.index == 2
     assert ids((await registry.instances())[0]) == ["web-1"]
 
 
@@ -154,11 +155,11 @@ async def test_instances_filter_by_name_and_order_by_id(registry: EmbeddedRegist
                                          port=5432))
     found, index = await registry.instances("web")
     assert ids(found) == ["web-1", "web-10", "web-2"]
-    assert index == 5
+    assert index == 6
     assert ids((await registry.instances("db"))[0]) == ["db-a", "db-b"]
     assert ids((await registry.instances())[0]) == ["db-a", "db-b", "web-1", "web-10",
                                                     "web-2"]
-    assert await registry.instances("cache") == ([], 5)
+    assert await registry.instances("cache") == ([], 6)
 
 
 # -- persistence ------------------------------------------------------------------
@@ -173,21 +174,21 @@ async def test_reopen_gives_the_same_instances_and_index(db_path: Path) -> None:
     await reg.register(web("web-2", port=81))
     await reg.deregister("db-1")
     before = await reg.instances()
-    assert before[1] == 5
+    assert before[1] == 6
     await reg.close()
 
     reopened = EmbeddedRegistry(db_path)
     reopened.start()
     try:
         assert await reopened.instances() == before
-        assert reopened.index == 5
+        assert reopened.index == 6
         # The identical definition is still a no-op after the round trip...
         same = await reopened.register(web("web-1", tags=("v1", "blue"), meta={"version": "2"},
                                            node="n1"))
-        assert (same.create_index, same.modify_index, reopened.index) == (1, 1, 5)
+        assert (same.create_index, same.modify_index, reopened.index) == (2, 2, 6)
         # ...and the next change continues from the stored index.
-        assert (await reopened.register(web("web-3"))).create_index == 6
-        assert await reopened.deregister("web-2") == 7
+        assert (await reopened.register(web("web-3"))).create_index == 7
+        assert await reopened.deregister("web-2") == 8
     finally:
         await reopened.close()
 
@@ -223,7 +224,7 @@ async def test_reopen_of_a_live_ttl_instance_keeps_it(db_path: Path) -> None:
     reopened = EmbeddedRegistry(db_path)
     reopened.start()
     try:
-        assert await reopened.instances() == ([stored], 1)
+        assert await reopened.instances() == ([stored], 2)
         await reopened.heartbeat("web-1")
     finally:
         await reopened.close()
@@ -240,7 +241,7 @@ async def test_ttl_that_ran_out_while_closed_expires_after_start(db_path: Path) 
     reopened = EmbeddedRegistry(db_path)
     reopened.start()
     try:
-        assert await reopened.wait_for_index(2, timeout=STEP) == 3
+        assert await reopened.wait_for_index(3, timeout=STEP) == 4
         assert ids((await reopened.instances())[0]) == ["web-2"]
     finally:
         await reopened.close()
@@ -260,10 +261,10 @@ async def test_ttl_instance_expires_without_heartbeat(
         started = time.monotonic()
         expiring = await registry.register(web("web-1", ttl=0.3))
         up = await next_change(changes)
-        assert (up.index, up.kind, up.instances) == (2, "up", (expiring,))
+        assert (up.index, up.kind, up.instances) == (3, "up", (expiring,))
         down = await next_change(changes)
         elapsed = time.monotonic() - started
-    assert (down.index, down.kind, down.instances) == (3, "down", (expiring,))
+    assert (down.index, down.kind, down.instances) == (4, "down", (expiring,))
     assert 0.25 <= elapsed < 3  # expired by the TTL, not before it
     assert ids((await registry.instances())[0]) == ["stays"]
     assert await registry.get("web-1") is None
@@ -272,7 +273,7 @@ async def test_ttl_instance_expires_without_heartbeat(
     reopened = EmbeddedRegistry(db_path)
     try:
         assert ids((await reopened.instances())[0]) == ["stays"]
-        assert reopened.index == 3
+        assert reopened.index == 4
     finally:
         await reopened.close()
 
@@ -282,10 +283,10 @@ async def test_heartbeat_keeps_a_ttl_instance_alive(registry: EmbeddedRegistry) 
     for _ in range(4):  # 0.4 s: twice the original TTL
         await asyncio.sleep(0.1)
         await registry.heartbeat("web-1")
-    assert await registry.instances() == ([stored], 1)
+    assert await registry.instances() == ([stored], 2)
     # Stop heartbeating: it goes.
-    assert await registry.wait_for_index(1, timeout=STEP) == 2
-    assert await registry.instances() == ([], 2)
+    assert await registry.wait_for_index(2, timeout=STEP) == 3
+    assert await registry.instances() == ([], 3)
 
 
 async def test_reregistering_the_same_ttl_instance_renews_it(registry: EmbeddedRegistry) -> None:
@@ -293,7 +294,7 @@ async def test_reregistering_the_same_ttl_instance_renews_it(registry: EmbeddedR
     for _ in range(3):  # 0.3 s: past the original TTL
         await asyncio.sleep(0.1)
         await registry.register(web(ttl=0.2))
-    assert registry.index == 1
+    assert registry.index == 2
     assert ids((await registry.instances())[0]) == ["web-1"]
 
 
@@ -302,8 +303,8 @@ async def test_dropping_the_ttl_on_reregistration_stops_expiry(
 ) -> None:
     await registry.register(web(ttl=0.1))
     kept = await registry.register(web(ttl=None))
-    assert await registry.wait_for_index(2, timeout=0.25) == 2
-    assert await registry.instances() == ([kept], 2)
+    assert await registry.wait_for_index(3, timeout=0.25) == 3
+    assert await registry.instances() == ([kept], 3)
 
 
 async def test_heartbeat_of_unknown_id_raises(registry: EmbeddedRegistry) -> None:
@@ -315,7 +316,7 @@ async def test_heartbeat_of_unknown_id_raises(registry: EmbeddedRegistry) -> Non
 
 async def test_heartbeat_after_expiry_raises(registry: EmbeddedRegistry) -> None:
     await registry.register(web(ttl=0.1))
-    assert await registry.wait_for_index(1, timeout=STEP) == 2
+    assert await registry.wait_for_index(2, timeout=STEP) == 3
     with pytest.raises(UnknownInstance):
         await registry.heartbeat("web-1")
 
@@ -324,8 +325,8 @@ async def test_deregistered_ttl_instance_does_not_expire_again(
     registry: EmbeddedRegistry,
 ) -> None:
     await registry.register(web(ttl=0.1))
-    assert await registry.deregister("web-1") == 2
-    assert await registry.wait_for_index(2, timeout=0.25) == 2
+    assert await registry.deregister("web-1") == 3
+    assert await registry.wait_for_index(3, timeout=0.25) == 3
 
 
 @pytest.mark.parametrize(
@@ -367,58 +368,58 @@ async def test_watch_starts_with_a_snapshot_then_changes_in_order(
     changes = registry.watch()
     async with contextlib.aclosing(changes):
         snapshot = await next_change(changes)
-        assert snapshot == Change(2, "snapshot", (a, b))
+        assert snapshot == Change(3, "snapshot", (a, b))
         c = await registry.register(web("c"))
         b2 = await registry.register(web("b", port=81))
-        assert await registry.deregister("a") == 5
+        assert await registry.deregister("a") == 6
         got = [await next_change(changes) for _ in range(3)]
-    assert got == [Change(3, "up", (c,)), Change(4, "up", (b2,)), Change(5, "down", (a,))]
+    assert got == [Change(4, "up", (c,)), Change(5, "up", (b2,)), Change(6, "down", (a,))]
 
 
 async def test_watch_of_an_empty_registry(registry: EmbeddedRegistry) -> None:
-    """The snapshot at index 0 is complete, so change 1 can be sent as 'up'."""
+    """The snapshot at index 1 is complete, so change 2 can be sent as 'up'."""
     changes = registry.watch()
     async with contextlib.aclosing(changes):
-        assert await next_change(changes) == Change(0, "snapshot", ())
+        assert await next_change(changes) == Change(1, "snapshot", ())
         a = await registry.register(web("a"))
-        assert await next_change(changes) == Change(1, "up", (a,))
+        assert await next_change(changes) == Change(2, "up", (a,))
 
 
 async def test_watch_since_replays_only_later_changes(registry: EmbeddedRegistry) -> None:
     await registry.register(web("a"))
     b = await registry.register(web("b"))
     await registry.deregister("a")
-    changes = registry.watch(since=1)
+    changes = registry.watch(since=2)
     async with contextlib.aclosing(changes):
         first = await next_change(changes)
         second = await next_change(changes)
         d = await registry.register(web("d"))
         third = await next_change(changes)
-    assert first == Change(2, "up", (b,))
-    assert second.kind == "down" and second.index == 3 and ids(second.instances) == ["a"]
-    assert third == Change(4, "up", (d,))
+    assert first == Change(3, "up", (b,))
+    assert second.kind == "down" and second.index == 4 and ids(second.instances) == ["a"]
+    assert third == Change(5, "up", (d,))
 
 
 async def test_watch_since_the_current_index_waits_for_the_next_change(
     registry: EmbeddedRegistry,
 ) -> None:
     await registry.register(web("a"))
-    changes = registry.watch(since=1)
+    changes = registry.watch(since=2)
     async with contextlib.aclosing(changes):
         pending = asyncio.ensure_future(anext(changes))
         await asyncio.sleep(0.05)
         assert not pending.done()
         b = await registry.register(web("b"))
-        assert await asyncio.wait_for(pending, STEP) == Change(2, "up", (b,))
+        assert await asyncio.wait_for(pending, STEP) == Change(3, "up", (b,))
 
 
 async def test_watch_since_a_future_index_gets_a_snapshot(registry: EmbeddedRegistry) -> None:
     a = await registry.register(web("a"))
     changes = registry.watch(since=50)  # the consumer saw a registry that was reset
     async with contextlib.aclosing(changes):
-        assert await next_change(changes) == Change(1, "snapshot", (a,))
+        assert await next_change(changes) == Change(2, "snapshot", (a,))
         b = await registry.register(web("b"))
-        assert await next_change(changes) == Change(2, "up", (b,))
+        assert await next_change(changes) == Change(3, "up", (b,))
 
 
 async def test_watch_since_an_index_before_a_restart_gets_a_snapshot(db_path: Path) -> None:
@@ -429,11 +430,11 @@ async def test_watch_since_an_index_before_a_restart_gets_a_snapshot(db_path: Pa
     reopened = EmbeddedRegistry(db_path)
     reopened.start()
     try:
-        changes = reopened.watch(since=1)  # change 2 is not in the new process's log
+        changes = reopened.watch(since=2)  # change 3 is not in the new process's log
         async with contextlib.aclosing(changes):
             snapshot = await next_change(changes)
         assert snapshot.kind == "snapshot"
-        assert snapshot.index == 2
+        assert snapshot.index == 3
         assert ids(snapshot.instances) == ["a", "b"]
         assert snapshot.instances[1] == b
     finally:
@@ -444,8 +445,8 @@ async def test_watch_since_a_compacted_index_gets_a_snapshot(registry: EmbeddedR
     for port in range(1, CHANGE_LOG_LENGTH + 3):
         await registry.register(web("a", port=port))
     last = registry.index
-    assert last == CHANGE_LOG_LENGTH + 2
-    changes = registry.watch(since=1)
+    assert last == CHANGE_LOG_LENGTH + 3
+    changes = registry.watch(since=2)
     async with contextlib.aclosing(changes):
         snapshot = await next_change(changes)
     assert snapshot.kind == "snapshot"
@@ -457,11 +458,11 @@ async def test_two_watchers_see_the_same_changes(registry: EmbeddedRegistry) -> 
     base = await registry.register(web("base"))
     first, second = registry.watch(), registry.watch()
     async with contextlib.aclosing(first), contextlib.aclosing(second):
-        assert await next_change(first) == Change(1, "snapshot", (base,))
-        assert await next_change(second) == Change(1, "snapshot", (base,))
+        assert await next_change(first) == Change(2, "snapshot", (base,))
+        assert await next_change(second) == Change(2, "snapshot", (base,))
         a = await registry.register(web("a"))
         await registry.deregister("a")
-        expected = [Change(2, "up", (a,)), Change(3, "down", (a,))]
+        expected = [Change(3, "up", (a,)), Change(4, "down", (a,))]
         assert [await next_change(first) for _ in range(2)] == expected
         assert [await next_change(second) for _ in range(2)] == expected
 
@@ -475,19 +476,19 @@ async def test_wait_for_index_returns_at_once_when_already_passed(
     await registry.register(web("a"))
     await registry.register(web("b"))
     started = time.monotonic()
-    assert await registry.wait_for_index(1, timeout=5.0) == 2
-    assert await registry.wait_for_index(0, timeout=5.0) == 2
+    assert await registry.wait_for_index(2, timeout=5.0) == 3
+    assert await registry.wait_for_index(0, timeout=5.0) == 3
     assert time.monotonic() - started < 0.1
 
 
 async def test_wait_for_index_returns_after_a_registration(registry: EmbeddedRegistry) -> None:
     await registry.register(web("a"))
-    waiter = asyncio.ensure_future(registry.wait_for_index(1, timeout=5.0))
+    waiter = asyncio.ensure_future(registry.wait_for_index(2, timeout=5.0))
     await asyncio.sleep(0.05)
     assert not waiter.done()
     started = time.monotonic()
     await registry.register(web("b"))
-    assert await asyncio.wait_for(waiter, STEP) == 2
+    assert await asyncio.wait_for(waiter, STEP) == 3
     assert time.monotonic() - started < 0.1
 
 
@@ -496,20 +497,20 @@ async def test_wait_for_index_times_out_with_the_unchanged_index(
 ) -> None:
     await registry.register(web("a"))
     started = time.monotonic()
-    assert await registry.wait_for_index(1, timeout=0.1) == 1
+    assert await registry.wait_for_index(2, timeout=0.1) == 2
     elapsed = time.monotonic() - started
     assert 0.09 <= elapsed < 3
     # The registry still works after a timed-out wait (the condition's lock was released).
-    waiter = asyncio.ensure_future(registry.wait_for_index(1, timeout=5.0))
+    waiter = asyncio.ensure_future(registry.wait_for_index(2, timeout=5.0))
     await asyncio.sleep(0.01)
     await registry.register(web("b"))
-    assert await asyncio.wait_for(waiter, STEP) == 2
+    assert await asyncio.wait_for(waiter, STEP) == 3
 
 
 async def test_many_concurrent_waiters_all_wake(registry: EmbeddedRegistry) -> None:
-    waiters = [asyncio.ensure_future(registry.wait_for_index(0, timeout=5.0))
+    waiters = [asyncio.ensure_future(registry.wait_for_index(1, timeout=5.0))
                for _ in range(20)]
     await asyncio.sleep(0.02)
     assert not any(w.done() for w in waiters)
     await registry.register(web("a"))
-    assert await asyncio.wait_for(asyncio.gather(*waiters), STEP) == [1] * 20
+    assert await asyncio.wait_for(asyncio.gather(*waiters), STEP) == [2] * 20

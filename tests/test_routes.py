@@ -109,3 +109,17 @@ def test_the_agent_carries_registered_weights_into_the_table() -> None:
     service = table.service("web")
     assert service is not None
     assert service.endpoints == (Endpoint("web", "web-1", "10.0.0.1", 80, ("v1",), "h1", 7),)
+
+
+def test_tcp_endpoints_leave_out_udp_ports_and_follow_every_change() -> None:
+    table = RouteTable(VipAllocator("240.0.0.0/4"))
+    tcp, udp = ep("dns", "dns-1"), Endpoint("dns", "dns-1-udp", "10.0.0.2", 53, tags=("udp",))
+    table.replace_all([tcp, udp])
+    service = table.service("dns")
+    assert service is not None
+    assert (service.endpoints, service.tcp_endpoints) == ((tcp, udp), (tcp,))
+    other = ep("dns", "dns-2", "10.0.0.3")
+    table.upsert(other)
+    assert service.tcp_endpoints == (tcp, other)
+    table.remove("dns-1")
+    assert (service.endpoints, service.tcp_endpoints) == ((udp, other), (other,))  # by id

@@ -93,7 +93,9 @@ class EmbeddedRegistry:
                 "SELECT key, value, flags, create_index, modify_index FROM kv")
         }
         row = self._db.execute("SELECT value FROM state WHERE key = 'index'").fetchone()
-        self._index: int = row[0] if row else 0
+        # A new registry starts at index 1, as etcd does: the API never says 0 (Consul's
+        # rule), so no write may get the index an empty registry answers with.
+        self._index: int = row[0] if row else 1
         # Every instance change after this index is in the log (KV writes, which
         # move the index too, are not instance changes).
         self._log_start = self._index
