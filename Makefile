@@ -22,7 +22,8 @@ BENCH_ARGS ?=
 # Debian packages the agent, the lab, the tests and the benchmarks use.
 APT_PACKAGES := iptables iproute2 dnsutils busybox-static wget util-linux procps \
 	libnetfilter-queue-dev conntrack libffi-dev build-essential python3-dev python3-venv \
-	iperf3 wrk haproxy socat nginx-light etcd-server etcd-client docker.io zookeeper
+	iperf3 wrk haproxy socat nginx-light etcd-server etcd-client docker.io zookeeper \
+	chromium chromium-driver
 
 # Debian packages of the DNS benchmark alone, installed by its own stamp so that
 # `make test` never waits for them. dnsmasq-base has no init script; unbound's

@@ -19,7 +19,7 @@ from aiohttp import web
 from dnslib import RCODE
 
 from consulate import native
-from consulate.control import discover_api, metrics, routes_api
+from consulate.control import discover_api, metrics, routes_api, ui
 from consulate.control.ambassador_docker import OmniAmbassador, start_omni
 from consulate.control.api_context import ApiContext
 from consulate.control.config import AgentConfig, ConfigError
@@ -163,6 +163,7 @@ class Agent:
         discover_api.add_routes(app, self.registry, self.hub, cfg.node)
         metrics.add_routes(app, self.scrape)
         routes_api.add_routes(app, self.table)
+        ui.add_routes(app, self.registry)
         app.router.add_get("/v1/agent/ready", self._readiness)
         scheduler_api.add_routes(app, self.manifold)
         # Cancel a handler when its client goes: a long poll or an event stream
