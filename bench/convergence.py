@@ -56,7 +56,7 @@ from bench.signals import run_main
 from bench.watchers import percentile
 from consulate.control import lab as labmod
 from consulate.control.labagent import LabAgent
-from consulate.control.labetcd import EtcdProcess
+from consulate.control.labetcd import lab_cluster
 
 RESULTS = Path(__file__).resolve().parent / "results"
 HOSTS = (1, 2, 3)
@@ -293,18 +293,8 @@ def measure(lab: labmod.Lab, token: str, samples: int, with_watch: bool) -> Seri
 @contextmanager
 def etcd_layout(lab: labmod.Lab, work: Path) -> Iterator[str]:
     """A 3-member etcd cluster, one member per host, and an agent per host on it."""
-    initial = ",".join(f"h{i}=http://{lab.host_ip(i)}:2380" for i in HOSTS)
     with ExitStack() as stack:
-        members = []
-        for i in HOSTS:
-            member = EtcdProcess(work / f"etcd-h{i}", lab.host_ip(i), f"h{i}",
-                                 prefix=["ip", "netns", "exec", lab.host_ns(i)],
-                                 cluster=initial)
-            stack.callback(member.stop)
-            members.append(member.launch())
-        for member in members:
-            member.wait_healthy()
-        registry = "etcd://" + ",".join(f"{lab.host_ip(i)}:2379" for i in HOSTS)
+        registry = stack.enter_context(lab_cluster(lab, work, HOSTS)).registry
         for i in HOSTS:
             agent = LabAgent(lab, i, work / f"etcd-agent-h{i}", work / f"etcd-agent-h{i}.log",
                              extra_args=["--registry", registry])

@@ -11,6 +11,7 @@ import argparse
 import os
 import shutil
 import sys
+import time
 from collections.abc import Callable
 
 from consulate.control import lab
@@ -82,7 +83,13 @@ def _table(the_lab: lab.Lab) -> str:
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
+    # Progress on stderr, so that stdout stays the lab's name and table for scripts.
+    count = args.hosts * (1 + args.containers) + 1
+    print(f"building a lab: {args.hosts} host(s) x {args.containers} container(s), "
+          f"{count} network namespaces...", end="", file=sys.stderr, flush=True)
+    started = time.monotonic()
     built = lab.up(hosts=args.hosts, containers=args.containers, name=args.name)
+    print(f" done ({time.monotonic() - started:.1f} s)", file=sys.stderr)
     print(built.name)
     print(_table(built))
     return 0

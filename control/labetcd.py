@@ -12,11 +12,17 @@ import json
 import shutil
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 from consulate.control.procstop import stop_process
+
+if TYPE_CHECKING:
+    from consulate.control.lab import Lab
 
 ETCDCTL_ENV = {"ETCDCTL_API": "3"}
 
@@ -92,3 +98,28 @@ class EtcdProcess:
     def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.stop()
+
+
+@dataclass
+class LabCluster:
+    """An etcd cluster with a member in each of some lab hosts."""
+
+    members: dict[int, EtcdProcess]  # by host number
+    registry: str  # the agents' --registry: every member's client address
+
+
+@contextmanager
+def lab_cluster(lab: Lab, work: Path, hosts: Sequence[int]) -> Iterator[LabCluster]:
+    """A member in each host's namespace, all healthy; every member stopped on exit."""
+    initial = ",".join(f"h{i}=http://{lab.host_ip(i)}:2380" for i in hosts)
+    with ExitStack() as stack:
+        members = {}
+        for i in hosts:
+            member = EtcdProcess(work / f"etcd-h{i}", lab.host_ip(i), f"h{i}",
+                                 prefix=["ip", "netns", "exec", lab.host_ns(i)],
+                                 cluster=initial)
+            stack.callback(member.stop)
+            members[i] = member.launch()
+        for member in members.values():
+            member.wait_healthy()
+        yield LabCluster(members, "etcd://" + ",".join(f"{lab.host_ip(i)}:2379" for i in hosts))

@@ -54,9 +54,15 @@ async def close_registry(registry: EmbeddedRegistry) -> None:
 
 
 @pytest.fixture
-async def api(tmp_path: Path) -> AsyncIterator[Api]:
-    registry = EmbeddedRegistry(tmp_path / "registry.db")
-    registry.start()
+async def registry(tmp_path: Path) -> AsyncIterator[EmbeddedRegistry]:
+    """A started embedded registry in the test's directory (the default backend)."""
+    running = EmbeddedRegistry(tmp_path / "registry.db")
+    running.start()
+    yield running
+    await close_registry(running)
+
+
+@pytest.fixture
+async def api(registry: EmbeddedRegistry) -> AsyncIterator[Api]:
     async with TestClient(TestServer(build_app(make_context(registry)))) as client:
         yield Api(client, registry)
-    await close_registry(registry)

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import uvloop
-from apiclient import api  # noqa: F401 (the HTTP API tests' fixture)
+from apiclient import api, registry  # noqa: F401 (the API tests' fixtures)
 from duplexfix import endpoints  # noqa: F401 (the Duplex tests' tcp/unix fixture)
 
 from consulate.control import lab as labmod

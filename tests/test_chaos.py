@@ -22,11 +22,11 @@ from pathlib import Path
 
 import pytest
 from conftest import NETSVC, Peers
-from etcdproc import EtcdProcess
 from multihost import endpoints, until
 
 from consulate.control import lab as labmod
 from consulate.control.labagent import LabAgent
+from consulate.control.labetcd import lab_cluster
 
 pytestmark = pytest.mark.lab
 
@@ -48,17 +48,11 @@ def test_kills_and_restarts_lose_no_connection_to_a_live_endpoint(tmp_path: Path
     rng = random.Random(SEED)
     events: list[tuple[float, str, str]] = []  # (epoch, what, whom)
     started_pids: list[int] = []
-    with labmod.up(hosts=3, containers=2) as lab:
-        initial = ",".join(f"h{i}=http://{lab.host_ip(i)}:2380" for i in HOSTS)
-        members = {i: EtcdProcess(tmp_path / f"etcd-h{i}", lab.host_ip(i), f"h{i}",
-                                  prefix=["ip", "netns", "exec", lab.host_ns(i)],
-                                  cluster=initial).launch() for i in HOSTS}
+    with labmod.up(hosts=3, containers=2) as lab, lab_cluster(lab, tmp_path, HOSTS) as etcd:
         agents: dict[int, LabAgent] = {}
         peers = Peers(lab)
+        registry = etcd.registry
         try:
-            for member in members.values():
-                member.wait_healthy()
-            registry = "etcd://" + ",".join(f"{lab.host_ip(i)}:2379" for i in HOSTS)
             for i in HOSTS:
                 agents[i] = LabAgent(lab, i, tmp_path / f"agent-h{i}", tmp_path / f"h{i}.log",
                                      extra_args=["--registry", registry, "--liveness-ttl", "3s",
@@ -109,8 +103,6 @@ def test_kills_and_restarts_lose_no_connection_to_a_live_endpoint(tmp_path: Path
                 if agent.process is not None:
                     started_pids.append(agent.process.pid)
                 agent.stop()
-            for member in members.values():
-                member.stop()
         for i in HOSTS:  # every agent took its rules with it
             assert "CONSULATE" not in lab.exec(f"h{i}", ["iptables-save", "-t", "nat"],
                                               capture_output=True, text=True).stdout

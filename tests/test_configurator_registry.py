@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -36,14 +35,6 @@ DOCUMENT: dict[str, Any] = {
 def expected(*servers: str) -> str:
     document: dict[str, Any] = {**DOCUMENT, "backend web": {"server": list(servers)}}
     return haproxy_cfg.render(document)
-
-
-@pytest.fixture
-async def registry(tmp_path: Path) -> AsyncIterator[EmbeddedRegistry]:
-    running = EmbeddedRegistry(tmp_path / "registry.db")
-    running.start()
-    yield running
-    await running.close()
 
 
 def _configurator(tmp_path: Path, registry: RegistryBackend, wait: Wait = NO_WAIT,

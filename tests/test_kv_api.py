@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import base64
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import consul
@@ -25,14 +24,6 @@ from consulate.control.registry import EmbeddedRegistry
 def _context(registry: EmbeddedRegistry) -> ApiContext:
     return ApiContext(registry, node="n1", node_address="192.0.2.1", datacenter="dc1",
                       leader="192.0.2.1:8500", self_info=dict)
-
-
-@pytest.fixture
-async def registry(tmp_path: Path) -> AsyncIterator[EmbeddedRegistry]:
-    running = EmbeddedRegistry(tmp_path / "registry.db")
-    running.start()
-    yield running
-    await running.close()
 
 
 @pytest.fixture

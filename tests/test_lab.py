@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -211,8 +212,10 @@ def test_cli_up_exec_status_down(capfd: pytest.CaptureFixture[str]) -> None:
     name = _unique_name()
     try:
         assert _cli("up", "--hosts", "1", "--containers", "2", "--name", name) == 0
-        out = capfd.readouterr().out
+        out, err = capfd.readouterr()
         assert out.splitlines()[0] == name
+        assert re.fullmatch(r"building a lab: 1 host\(s\) x 2 container\(s\), 4 network "
+                            r"namespaces\.\.\. done \(\d+\.\d s\)\n", err), err
         assert "10.100.1.12" in out
         assert _cli("exec", name, "h1c2", "--", "sh", "-c", "ip -br addr show eth0; exit 3") == 3
         assert "10.100.1.12/24" in capfd.readouterr().out

@@ -15,6 +15,7 @@ from multihost import cut_off_and_back, endpoints, until
 
 from consulate.control import lab as labmod
 from consulate.control.labagent import LabAgent
+from consulate.control.labetcd import lab_cluster
 
 pytestmark = pytest.mark.lab
 
@@ -26,26 +27,17 @@ LIVENESS_TTL = 3.0  # the agents' --liveness-ttl: a cut-off host's instances lea
 def cluster(tmp_path_factory: pytest.TempPathFactory
             ) -> Iterator[tuple[labmod.Lab, dict[int, EtcdProcess], dict[int, LabAgent]]]:
     work = tmp_path_factory.mktemp("etcd-cluster")
-    with labmod.up(hosts=3, containers=1) as lab:
-        initial = ",".join(f"h{i}=http://{lab.host_ip(i)}:2380" for i in HOSTS)
-        members = {i: EtcdProcess(work / f"etcd-h{i}", lab.host_ip(i), f"h{i}",
-                                  prefix=["ip", "netns", "exec", lab.host_ns(i)],
-                                  cluster=initial).launch() for i in HOSTS}
+    with labmod.up(hosts=3, containers=1) as lab, lab_cluster(lab, work, HOSTS) as etcd:
         agents: dict[int, LabAgent] = {}
         try:
-            for member in members.values():
-                member.wait_healthy()
-            registry = "etcd://" + ",".join(f"{lab.host_ip(i)}:2379" for i in HOSTS)
             for i in HOSTS:
                 agents[i] = LabAgent(lab, i, work / f"agent-h{i}", work / f"agent-h{i}.log",
-                                     extra_args=["--registry", registry, "--liveness-ttl",
+                                     extra_args=["--registry", etcd.registry, "--liveness-ttl",
                                                  f"{LIVENESS_TTL}s"]).start()
-            yield lab, members, agents
+            yield lab, etcd.members, agents
         finally:
             for agent in agents.values():
                 agent.stop()
-            for member in members.values():
-                member.stop()
 
 
 def _ids(agent: LabAgent, service: str) -> list[str]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
@@ -12,14 +11,6 @@ from consulate.control.registry import EmbeddedRegistry, Instance
 from consulate.control.registry import hub as hubmod
 from consulate.control.registry.events import ServiceEvent
 from consulate.control.registry.hub import WatchHub
-
-
-@pytest.fixture
-async def registry(tmp_path: Path) -> AsyncIterator[EmbeddedRegistry]:
-    backend = EmbeddedRegistry(tmp_path / "registry.db")
-    backend.start()
-    yield backend
-    await backend.close()
 
 
 @pytest.fixture

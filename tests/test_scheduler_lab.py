@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from etcdproc import EtcdProcess
 from scheduler_support import consulate, until, web_job
 
 from consulate.control import lab as labmod
 from consulate.control.labagent import LabAgent
 from consulate.control.labdocker import LabDocker, busybox_image_tar
+from consulate.control.labetcd import lab_cluster
 from consulate.control.scheduler.runtime import NODE_TTL
 
 pytestmark = pytest.mark.lab
@@ -39,17 +39,11 @@ Cluster = tuple[labmod.Lab, dict[int, LabAgent], dict[int, LabDocker], Path]
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     work = tmp_path_factory.mktemp("scheduler-lab")
-    with labmod.up(hosts=3, containers=1) as lab:
-        initial = ",".join(f"h{i}=http://{lab.host_ip(i)}:2380" for i in HOSTS)
-        members = {i: EtcdProcess(work / f"etcd-h{i}", lab.host_ip(i), f"h{i}",
-                                  prefix=["ip", "netns", "exec", lab.host_ns(i)],
-                                  cluster=initial).launch() for i in HOSTS}
+    with labmod.up(hosts=3, containers=1) as lab, lab_cluster(lab, work, HOSTS) as etcd:
         daemons: dict[int, LabDocker] = {}
         agents: dict[int, LabAgent] = {}
+        registry = etcd.registry
         try:
-            for member in members.values():
-                member.wait_healthy()
-            registry = "etcd://" + ",".join(f"{lab.host_ip(i)}:2379" for i in HOSTS)
             for i in HOSTS:
                 daemons[i] = LabDocker(lab, i, work / f"dockerd-h{i}").start()
                 daemons[i].import_image(busybox_image_tar())
@@ -65,8 +59,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
                 agent.stop()
             for daemon in daemons.values():
                 daemon.stop()
-            for member in members.values():
-                member.stop()
 
 
 def job(agent: LabAgent) -> dict[str, Any]:

@@ -34,14 +34,6 @@ TTL = 3.0
 
 
 @pytest.fixture
-async def registry(tmp_path: Path) -> AsyncIterator[EmbeddedRegistry]:
-    running = EmbeddedRegistry(tmp_path / "registry.db")
-    running.start()
-    yield running
-    await running.close()
-
-
-@pytest.fixture
 async def host(registry: EmbeddedRegistry, tmp_path: Path) -> AsyncIterator[SchedulerHost]:
     started = SchedulerHost(registry, node="n1", advertise="127.0.0.1", datacenter="dc1",
                             data_dir=tmp_path, docker=f"unix://{tmp_path}/no-docker.sock",

@@ -101,7 +101,10 @@ def usage() -> str:
               "consulkv://HOST:PORT/PREFIX,",
               "  etcd://HOST:PORT/PREFIX, skydns2://HOST:PORT/DOMAIN, "
               "zookeeper://HOST:PORT/PREFIX",
-              "Docker: DOCKER_HOST (default unix:///var/run/docker.sock)"]
+              "Docker: DOCKER_HOST (default unix:///var/run/docker.sock)",
+              "",
+              "Example:",
+              f"  {PROGRAM} -internal -resync 30 -cleanup consul://127.0.0.1:8500"]
     return "\n".join(lines) + "\n"
 
 
