@@ -2,6 +2,7 @@
 #   make run    install what is missing, then run the agent in the foreground
 #   make test   install what is missing (plus test tools), lint, run the whole suite
 #   make demo   a self-contained demo in network namespaces
+#   make fuzz   fuzz every parser that takes outside input (not part of make test)
 #   make bench  every benchmark (bench/results/); make bench-tcp: the TCP proxy one only,
 #               make bench-dns: the DNS responder against dnsmasq and unbound,
 #               make bench-registrator: 100 containers started together -> registered
@@ -31,7 +32,7 @@ APT_PACKAGES := iptables iproute2 dnsutils busybox-static wget util-linux procps
 # under a policy-rc.d that forbids starting any service (kept if one was there).
 BENCH_DNS_PACKAGES := dnsperf dnsmasq-base unbound
 
-.PHONY: run test demo lint deps clean bench bench-tcp bench-splice bench-dns bench-duplex bench-registrator bench-watchers bench-udp bench-configurator bench-scheduler bench-convergence
+.PHONY: run test demo lint deps clean fuzz bench bench-tcp bench-splice bench-dns bench-duplex bench-registrator bench-watchers bench-udp bench-configurator bench-scheduler bench-convergence
 
 run: deps
 	exec $(BIN)/consulate agent $(ARGS)
@@ -41,6 +42,12 @@ test: deps lint
 
 demo: deps
 	$(BIN)/consulate demo
+
+# Fuzzing of every parser that takes outside input (tests/fuzz, seeds in tests/fuzz/corpus);
+# bounded by FUZZ_EXAMPLES per target, e.g. make fuzz FUZZ_EXAMPLES=20000.
+FUZZ_EXAMPLES ?= 2000
+fuzz: deps
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/pytest -m fuzz tests/fuzz -p no:cacheprovider
 
 # Benchmarks are not tests: `make test` never runs them. Options go in BENCH_ARGS,
 # e.g. make bench-tcp BENCH_ARGS="--variants direct,haproxy --reps 1".
