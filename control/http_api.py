@@ -53,12 +53,14 @@ async def register_service(request: web.Request) -> web.Response:
     if not ctx.health.scripts_enabled and any(c.kind == "script" for c in instance.checks):
         raise _bad_request("Scripts are disabled on this agent; to enable them, start it "
                            "with --enable-script-checks")
+    sent = 0.0
     if ctx.local is not None:
         instance = ctx.local.owned(instance)
+        sent = ctx.local.now()
     stored = await ctx.registry.register(
         instance.keeping_check_results(await ctx.registry.get(instance.id)))
     if ctx.local is not None:
-        ctx.local.added(stored)
+        ctx.local.added(stored, sent)
     ctx.health.observe(stored)
     return web.Response()
 

@@ -39,8 +39,11 @@ from consulate.control.tasks import cancel_and_wait
 log = logging.getLogger("consulate.local")
 
 DEFAULT_TTL = 10.0  # Discoverd's default TTL
-# A lease renewed less than this share of the TTL ago cannot have run out.
-EXPIRY_MARGIN = 0.8
+# A lease renewed less than this share of the TTL ago cannot have run out. Renewals
+# count from when they were sent (the registry renews at some moment after that), so a
+# slow reply never makes an expired lease look fresh; heartbeats every third of a TTL
+# find a deregistration made elsewhere well within half of it.
+EXPIRY_MARGIN = 0.5
 
 
 class LocalServices:
@@ -69,9 +72,14 @@ class LocalServices:
         """The registration as this agent stores it: with the agent's liveness TTL."""
         return instance if instance.ttl is not None else replace(instance, ttl=self.ttl)
 
-    def added(self, instance: Instance) -> None:
+    def now(self) -> float:
+        """The clock renewals are counted in: read it before writing a registration."""
+        return self._clock()
+
+    def added(self, instance: Instance, sent_at: float) -> None:
+        """``instance`` was registered by a call sent at ``sent_at`` (``now()``)."""
         self._held[instance.id] = instance.indexed(0, 0)
-        self._renewed[instance.id] = self._clock()
+        self._renewed[instance.id] = sent_at
         self._save()
 
     def removed(self, instance_id: str) -> None:
@@ -100,12 +108,13 @@ class LocalServices:
         """Heartbeat every held instance; register again the ones the registry lost."""
         for instance in list(self._held.values()):
             try:
+                sent = self._clock()
                 try:
                     await self._registry.heartbeat(instance.id)
                 except UnknownInstance:
                     await self._lost(instance)
                 else:
-                    self._renewed[instance.id] = self._clock()
+                    self._renewed[instance.id] = sent
             except RegistryUnavailable as exc:
                 if not self._outage:
                     log.warning("event=heartbeat-failed error=%s: retrying every %.1fs",
@@ -127,8 +136,9 @@ class LocalServices:
             log.info("event=forget id=%s service=%s reason='deregistered elsewhere: its "
                      "lease was still running'", instance.id, instance.name)
             return
+        sent = self._clock()
         await self._registry.register(instance)
-        self._renewed[instance.id] = self._clock()
+        self._renewed[instance.id] = sent
         log.info("event=re-register id=%s service=%s reason='the registry lost it (expired "
                  "while this host was away or down)'", instance.id, instance.name)
 

@@ -37,7 +37,7 @@ async def test_owned_instances_carry_the_agent_ttl_and_heartbeats_renew_them(
     assert local.owned(WEB).ttl == 10.0
     assert local.owned(Instance(id="x", name="x", address="10.0.0.1", port=1, ttl=3.0)).ttl == 3.0
     stored = await registry.register(local.owned(WEB))
-    local.added(stored)
+    local.added(stored, local.now())
     index = registry.index
     await local.sync()
     assert registry.index == index  # a heartbeat is no write
@@ -50,7 +50,7 @@ async def test_an_expired_instance_is_registered_again(tmp_path: Path,
     clock = Clock()
     registry = EmbeddedRegistry(tmp_path / "registry.db")
     local = LocalServices(registry, tmp_path / "services.json", ttl=10.0, clock=clock)
-    local.added(await registry.register(local.owned(WEB)))
+    local.added(await registry.register(local.owned(WEB)), local.now())
     await registry.deregister("web-1")  # what the reaper does once the TTL ran out
     clock.now += 10.0  # ... which needs a TTL without heartbeats
     with caplog.at_level(logging.INFO, "consulate.local"):
@@ -65,7 +65,7 @@ async def test_a_deregistration_elsewhere_is_not_undone(tmp_path: Path,
     clock = Clock()
     registry = EmbeddedRegistry(tmp_path / "registry.db")
     local = LocalServices(registry, tmp_path / "services.json", ttl=10.0, clock=clock)
-    local.added(await registry.register(local.owned(WEB)))
+    local.added(await registry.register(local.owned(WEB)), local.now())
     clock.now += 2.0
     await registry.deregister("web-1")  # through another agent: the lease was running
     with caplog.at_level(logging.INFO, "consulate.local"):
@@ -77,10 +77,32 @@ async def test_a_deregistration_elsewhere_is_not_undone(tmp_path: Path,
     await registry.close()
 
 
+async def test_a_slow_heartbeat_counts_from_when_it_was_sent(tmp_path: Path) -> None:
+    """A renewal whose answer came late must not make a lease that ran out since it
+    was sent look fresh: the instance is registered again, not forgotten."""
+    clock = Clock()
+    registry = EmbeddedRegistry(tmp_path / "registry.db")
+    local = LocalServices(registry, tmp_path / "services.json", ttl=10.0, clock=clock)
+    local.added(await registry.register(local.owned(WEB)), local.now())
+    renew = registry.heartbeat
+
+    async def slow_heartbeat(instance_id: str) -> None:
+        await renew(instance_id)
+        clock.now += 4.0  # the answer took 4 s (a busy registry)
+
+    registry.heartbeat = slow_heartbeat  # type: ignore[method-assign]
+    await local.sync()
+    await registry.deregister("web-1")  # as the reaper would, 10 s after the renewal
+    clock.now += 2.0  # 6 s after the renewal was sent, 2 s after its answer
+    await local.sync()
+    assert [i.id for i in (await registry.instances())[0]] == ["web-1"]
+    await registry.close()
+
+
 async def test_a_restarted_agent_restores_what_it_registered(tmp_path: Path) -> None:
     first = EmbeddedRegistry(tmp_path / "a.db")
     local = LocalServices(first, tmp_path / "services.json")
-    local.added(await first.register(local.owned(WEB)))
+    local.added(await first.register(local.owned(WEB)), local.now())
     await first.close()
     fresh = EmbeddedRegistry(tmp_path / "b.db")  # the registry lost everything meanwhile
     restarted = LocalServices(fresh, tmp_path / "services.json")
@@ -106,7 +128,7 @@ async def test_a_registry_outage_is_logged_once_and_survived(
     # No Consul server runs here: port 1 on loopback refuses, as a registry that is down.
     registry = ConsulRegistry("127.0.0.1", 1)
     local = LocalServices(registry, tmp_path / "services.json")
-    local.added(local.owned(WEB))
+    local.added(local.owned(WEB), local.now())
     with caplog.at_level(logging.INFO, "consulate.local"):
         await local.sync()
         await local.sync()

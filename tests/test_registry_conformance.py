@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import aetcd
 import pytest
 from aiohttp import web as aioweb
 from etcdproc import EtcdProcess
@@ -177,6 +178,23 @@ async def test_etcd_watch_resyncs_after_compaction(etcd: EtcdProcess) -> None:
     finally:
         with contextlib.suppress(Exception):
             await registry.close()
+
+
+async def test_etcd_keep_alive_of_an_expired_lease_is_not_a_renewal(etcd: EtcdProcess) -> None:
+    """etcd answers a keep-alive for a lease that ran out with TTL 0, not an error, and
+    the lease's keys can outlive it for a moment: that answer must read as lost (an
+    agent that took it for a renewal would then forget its own instance)."""
+    registry = EtcdRegistry([etcd.endpoint], prefix=f"/test{next(_prefixes)}")
+    client = aetcd.Client(host=etcd.address, port=2379)
+    try:
+        live = await client.lease(30)
+        gone = await client.lease(30)
+        await client.revoke_lease(gone.id)
+        assert await registry._renew(live.id) is True
+        assert await registry._renew(gone.id) is False
+    finally:
+        await client.close()
+        await registry.close()
 
 
 async def test_etcd_watch_survives_a_restart_and_reports_what_vanished(

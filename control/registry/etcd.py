@@ -144,9 +144,9 @@ class EtcdRegistry:
         found = await self._stored(instance.id)
         if found is not None and found[0].same_registration(instance):
             old, lease_id = found
-            if lease_id:
-                await self._call("refresh", self._client.refresh_lease(lease_id))
-            return old
+            if not lease_id or await self._renew(lease_id):
+                return old
+            found = None  # its lease ran out a moment ago: register it afresh
         lease = None
         if instance.ttl is not None:
             # etcd leases count whole seconds; round up so an instance never
@@ -191,8 +191,15 @@ class EtcdRegistry:
         found = await self._stored(instance_id)
         if found is None:
             raise UnknownInstance(instance_id)
-        if found[1]:
-            await self._call("refresh", self._client.refresh_lease(found[1]))
+        if found[1] and not await self._renew(found[1]):
+            raise UnknownInstance(instance_id)  # expired; its keys are about to go
+
+    async def _renew(self, lease_id: int) -> bool:
+        """Refresh a lease; False when it has run out. etcd answers a keep-alive for an
+        expired lease with TTL 0 rather than an error, while the keys may still be
+        there until the expiry is applied: a caller must not take that as renewed."""
+        reply = await self._call("refresh", self._client.refresh_lease(lease_id))
+        return int(getattr(reply, "TTL", 0)) > 0
 
     # -- KV --------------------------------------------------------------------
 
