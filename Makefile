@@ -11,6 +11,8 @@
 #               make bench-configurator: 1,000 templates x 100 services re-rendered
 #               make bench-convergence: registry change -> route tables of 3 hosts
 #               make bench-scheduler: placements/s, packing and spread at 1,000 nodes
+#   make soak   the mesh under steady load and churn for 10 minutes: memory, fds, errors,
+#               latency over time (bench/results/soak.md; not part of make test or make bench)
 
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -32,7 +34,7 @@ APT_PACKAGES := iptables iproute2 dnsutils busybox-static wget util-linux procps
 # under a policy-rc.d that forbids starting any service (kept if one was there).
 BENCH_DNS_PACKAGES := dnsperf dnsmasq-base unbound
 
-.PHONY: run test demo lint deps clean fuzz bench bench-tcp bench-splice bench-dns bench-duplex bench-registrator bench-watchers bench-udp bench-configurator bench-scheduler bench-convergence
+.PHONY: run test demo lint deps clean fuzz bench bench-tcp bench-splice bench-sockmap bench-dns bench-duplex bench-registrator bench-watchers bench-udp bench-configurator bench-scheduler bench-convergence soak
 
 run: deps
 	exec $(BIN)/consulate agent $(ARGS)
@@ -44,14 +46,16 @@ demo: deps
 	$(BIN)/consulate demo
 
 # Fuzzing of every parser that takes outside input (tests/fuzz, seeds in tests/fuzz/corpus);
-# bounded by FUZZ_EXAMPLES per target, e.g. make fuzz FUZZ_EXAMPLES=20000.
+# bounded by FUZZ_EXAMPLES per hypothesis target and FUZZ_SECONDS for the coverage-guided
+# (atheris/libFuzzer) DNS target, e.g. make fuzz FUZZ_EXAMPLES=20000 FUZZ_SECONDS=600.
 FUZZ_EXAMPLES ?= 2000
-fuzz: deps
-	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/pytest -m fuzz tests/fuzz -p no:cacheprovider
+FUZZ_SECONDS ?= 60
+fuzz: deps $(STAMP)/fuzz
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) FUZZ_SECONDS=$(FUZZ_SECONDS) $(BIN)/pytest -m fuzz tests/fuzz -p no:cacheprovider
 
 # Benchmarks are not tests: `make test` never runs them. Options go in BENCH_ARGS,
 # e.g. make bench-tcp BENCH_ARGS="--variants direct,haproxy --reps 1".
-bench: bench-tcp bench-splice bench-dns bench-registrator bench-duplex bench-watchers bench-udp bench-configurator bench-scheduler bench-convergence
+bench: bench-tcp bench-splice bench-sockmap bench-dns bench-registrator bench-duplex bench-watchers bench-udp bench-configurator bench-scheduler bench-convergence
 
 bench-tcp: deps $(STAMP)/bench
 	$(BIN)/python -m bench.tcp $(BENCH_ARGS)
@@ -59,6 +63,10 @@ bench-tcp: deps $(STAMP)/bench
 # Where splice(2) starts to beat recv/send in the engine (its mode thresholds).
 bench-splice: deps $(STAMP)/bench
 	$(BIN)/python -m bench.splice_crossover
+
+# BPF sockmap (bench/sockmap_probe.c) against the engine's splice relay, on loopback.
+bench-sockmap: deps $(STAMP)/bench
+	$(BIN)/python -m bench.sockmap
 
 # consulate's DNS responder against dnsmasq and unbound, same records, same run;
 # e.g. make bench-dns BENCH_ARGS="--quick" (a smoke test) or BENCH_ARGS="--reps 5".
@@ -102,6 +110,13 @@ bench-convergence: deps $(STAMP)/bench
 # e.g. make bench-scheduler BENCH_ARGS="--quick" (a smoke test).
 bench-scheduler: deps $(STAMP)/bench
 	$(BIN)/python -m bench.scheduler $(BENCH_ARGS)
+
+# Soak: 3 lab hosts on etcd, an agent each, for SOAK_SECONDS under steady load (connections
+# by name through the proxy, DNS queries, a backend and registrations churning); reports
+# every agent's RSS/fd growth, errors and p50/p99 over time; e.g. make soak SOAK_SECONDS=60.
+SOAK_SECONDS ?= 600
+soak: deps $(STAMP)/bench
+	$(BIN)/python -m bench.soak --seconds $(SOAK_SECONDS) $(BENCH_ARGS)
 
 # mypy cannot follow setuptools' package-dir mapping, so it checks the package
 # through a tree of symlinks shaped like the installed one.
@@ -154,6 +169,10 @@ $(STAMP)/venv: pyproject.toml setup.py native/build.py native/relay.c $(STAMP)/a
 
 $(STAMP)/bench: $(STAMP)/venv
 	$(BIN)/pip install --quiet -e '.[bench]'
+	@mkdir -p $(STAMP) && touch $@
+
+$(STAMP)/fuzz: $(STAMP)/venv
+	$(BIN)/pip install --quiet -e '.[fuzz]'
 	@mkdir -p $(STAMP) && touch $@
 
 clean:

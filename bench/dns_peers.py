@@ -286,7 +286,9 @@ class Agent:
                 "--datacenter", DATACENTER, "--advertise", address,
                 "--dns-addr", f"{address}:{self.dns_port}",
                 "--http-addr", f"{address}:{self.http_port}",
-                "--proxy-addr", f"{address}:{proxy_port}"]
+                "--proxy-addr", f"{address}:{proxy_port}",
+                # bench.watchers holds thousands of long polls from one address
+                "--http-max-conns-per-client", "0"]
         self.group = spawn("consulate agent", argv, work / "agent.log")
         self._conn: http.client.HTTPConnection | None = None
 

@@ -25,6 +25,7 @@ from consulate.control.api_context import ApiContext
 from consulate.control.config import AgentConfig, ConfigError
 from consulate.control.health.runner import HealthRunner
 from consulate.control.http_api import build_app
+from consulate.control.http_listener import ApiSite
 from consulate.control.local_services import LocalServices
 from consulate.control.registrator.agentmode import AgentRegistrator
 from consulate.control.registry import Change, Instance
@@ -33,6 +34,7 @@ from consulate.control.registry.location import open_registry, parse_location
 from consulate.control.scheduler import api as scheduler_api
 from consulate.control.scheduler.host import SchedulerHost
 from consulate.control.supervisor import Supervisor
+from consulate.control.tls import server_tls
 from consulate.dns.answer import Responder
 from consulate.dns.server import DnsServer
 from consulate.proxy import iptables, localroute
@@ -98,8 +100,12 @@ class Agent:
                 f"--data-dir {str(config.data_dir)!r} is not usable ({exc.strerror}): "
                 "choose a writable directory"
             ) from None
+        tls = server_tls(config.tls_cert, config.tls_key, config.tls_ca)
+        self.tls = tls.context() if tls is not None else None  # files checked before any start
         self.registry = open_registry(parse_location(config.registry), config.data_dir,
-                                      token=config.token)
+                                      token=config.token, tls_files=(
+                                          config.ca_file, config.client_cert,
+                                          config.client_key))
         self.hub = WatchHub(self.registry)
         self.local = LocalServices(self.registry, config.data_dir / "services.json",
                                    config.liveness_ttl)
@@ -107,7 +113,8 @@ class Agent:
         self.proxy = TransparentProxy(self.table, engine=_relay_engine(config),
                                       mark=config.mark, connect_timeout=config.connect_timeout,
                                       outlier=OutlierPolicy(
-                                          base_ejection_time=config.base_ejection_time))
+                                          base_ejection_time=config.base_ejection_time),
+                                      limits=config.connection_limits())
         dns_config = config.dns_config()
         self.dns = DnsServer(Responder(self.table, dns_config), dns_config)
         self.udp: UdpProxy | None = None  # UDP to VIPs needs the iptables rules
@@ -172,8 +179,11 @@ class Agent:
         runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
         await runner.setup()
         stack.push_async_callback(runner.cleanup)
-        await web.TCPSite(runner, *cfg.http_addr, reuse_address=True).start()
-        log.info("event=listen component=http address=%s:%d", *cfg.http_addr)
+        await ApiSite(runner, *cfg.http_addr, ssl_context=self.tls,
+                      max_conns_per_client=cfg.http_max_conns_per_client).start()
+        log.info("event=listen component=http address=%s:%d tls=%s client_certs=%s",
+                 *cfg.http_addr, "on" if self.tls else "off",
+                 "required" if cfg.tls_ca else "no")
 
         if cfg.configurator:
             from consulate.control.configurator.agentmode import start_in_agent
@@ -223,6 +233,7 @@ class Agent:
             self.registry, node=cfg.node, node_address=cfg.advertise,
             datacenter=cfg.datacenter, leader=f"{cfg.advertise}:{cfg.http_addr[1]}",
             self_info=self.self_info, token=cfg.token,
+            kv_reads_need_token=cfg.http_beyond_loopback,
             health=HealthRunner(self.registry, cfg.node,
                                 scripts_enabled=cfg.enable_script_checks,
                                 on_deregister=self.local.removed),
@@ -235,7 +246,9 @@ class Agent:
             proxy=self.proxy.stats_snapshot(), relay=self.proxy.relay_name,
             endpoints={s.name: len(s.endpoints) for s in self.table.services()},
             route_version=self.table.version, dns_rcodes=tuple(self.dns.rcodes),
-            watch=self.hub.stats())
+            watch=self.hub.stats(),
+            dns_rate_limited=(self.dns.rate_limit.limited if self.dns.rate_limit is not None
+                              else None))
 
     def self_info(self) -> dict[str, Any]:
         """``GET /v1/agent/self``: Consul's Config and Member blocks plus consulate's Stats."""
@@ -253,6 +266,9 @@ class Agent:
                        "Status": 1},
             "Stats": {
                 "registry": {"location": cfg.registry, "owned_instances": len(self.local)},
+                # the registry not answering the heartbeats: routes stay as last seen
+                "heartbeats": {"failing": bool(self.local.heartbeat_error),
+                               "error": self.local.heartbeat_error},
                 "components": self.supervisor.status(),
                 "agent": {"pid": os.getpid(), "ready": self.ready,
                           "uptime_seconds": round(time.time() - self.started_at, 3)},

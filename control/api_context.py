@@ -35,11 +35,13 @@ class ApiContext:
         leader: str,
         self_info: Callable[[], dict[str, Any]],
         token: str = "",
+        kv_reads_need_token: bool = False,
         health: HealthRunner | None = None,
         local: LocalServices | None = None,
     ) -> None:
         self.registry = registry
         self.token = token  # "": writes need none (the API listens on loopback only)
+        self.kv_reads_need_token = kv_reads_need_token  # the API listens beyond loopback
         self.node = node
         self.node_address = node_address
         self.datacenter = datacenter
@@ -88,6 +90,9 @@ async def json_body(request: web.Request) -> object:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise web.HTTPBadRequest(
             text=f"Request decode failed: invalid JSON body: {exc}") from None
+    except RecursionError:  # the parser's stack, not ours: tell the client, keep serving
+        raise web.HTTPBadRequest(text="Request decode failed: the JSON body is nested too "
+                                      "deeply") from None
 
 
 def filtered(request: web.Request, documents: list[dict[str, Any]],

@@ -25,7 +25,7 @@ def blocking_query(request: web.Request) -> tuple[int, float] | None:
     index_text = request.query.get("index")
     if index_text is None:
         return None
-    if not index_text.isdigit():
+    if not (index_text.isascii() and index_text.isdigit()):
         raise web.HTTPBadRequest(text=f"index {index_text!r} must be a non-negative integer")
     try:
         wait = min(parse_duration(request.query.get("wait", f"{int(DEFAULT_WAIT)}s")), MAX_WAIT)

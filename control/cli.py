@@ -21,15 +21,18 @@ from consulate.control.agent import VERSION, Agent, cleanup
 from consulate.control.ambassador_cli import add_ambassador_parser
 from consulate.control.cli_examples import add_examples
 from consulate.control.cli_inspect import add_json_flag, cmd_routes, cmd_services, cmd_status
-from consulate.control.client import AgentClient, ApiError
+from consulate.control.client import AgentClient, ApiError, client_for
 from consulate.control.completion import add_completion_parser
 from consulate.control.config import (
     AgentConfig,
     ConfigError,
+    is_decimal,
+    parse_count,
     parse_hostport,
     parse_mark,
     parse_node_meta,
     parse_positive_seconds,
+    parse_rate,
     parse_recursor,
     parse_seconds,
     parse_service_ttl,
@@ -37,6 +40,7 @@ from consulate.control.config import (
 from consulate.control.configurator.command import add_configurator_parser
 from consulate.control.host_helpers import add_host_helper_parsers
 from consulate.control.lab_cli import add_lab_parser
+from consulate.control.privileges import PrivilegeError, drop_for_agent
 from consulate.control.registrator.cli import add_registrator_parser
 from consulate.control.scheduler.cli import add_scheduler_parsers
 from consulate.control.service_definition import InvalidDefinition, parse_duration
@@ -52,9 +56,9 @@ class CliError(Exception):
 
 
 def _env_flag(parser: argparse.ArgumentParser, flag: str, default: str, help: str,
-              **kwargs: Any) -> None:
-    """Add ``flag`` whose default comes from CONSULATE_<FLAG> when set."""
-    env = _env_name(flag)
+              env: str = "", **kwargs: Any) -> None:
+    """Add ``flag`` whose default comes from CONSULATE_<FLAG> (or ``env``) when set."""
+    env = env or _env_name(flag)
     parser.add_argument(flag, default=os.environ.get(env, default),
                         help=f"{help} (env {env}, default {default})", **kwargs)
 
@@ -94,13 +98,31 @@ def _add_agent(sub: Any) -> None:
     _env_flag(p, "--datacenter", defaults.datacenter, "datacenter name")
     _env_flag(p, "--data-dir", str(defaults.data_dir), "where the registry and VIPs persist")
     _env_flag(p, "--registry", defaults.registry, "where the registry lives: embedded (in "
-              "--data-dir), etcd://HOST:PORT[,HOST:PORT...][/PREFIX] (shared by many hosts) "
-              "or consul://HOST:PORT (a Consul agent)")
+              "--data-dir), etcd://HOST:PORT[,HOST:PORT...][/PREFIX] (shared by many hosts), "
+              "consul://HOST:PORT (a Consul agent) or http(s)://HOST:PORT (another agent; "
+              "https: see --ca-file)")
     _env_flag(p, "--join", "", "use the embedded registry of the agent at HOST:PORT (its "
-              "HTTP API; the same as --registry http://HOST:PORT)")
+              "HTTP API; the same as --registry http://HOST:PORT), or https://HOST:PORT for "
+              "one serving TLS (see --ca-file)")
     _env_flag(p, "--advertise", defaults.advertise, "this host's address for other hosts")
     _env_flag(p, "--token", "", "token every write to the HTTP API must carry (X-Consul-Token "
-              "or Authorization: Bearer); required when --http-addr is not on loopback")
+              "or Authorization: Bearer); required when --http-addr is not on loopback, "
+              "where KV reads need it too")
+    _env_flag(p, "--tls-cert", "", "PEM certificate (chain) the HTTP API serves https with "
+              "(Consul's cert_file); needs --tls-key")
+    _env_flag(p, "--tls-key", "", "PEM private key of --tls-cert (Consul's key_file)")
+    _env_flag(p, "--tls-ca", "", "PEM CA certificate: every client of the HTTP API must "
+              "present a certificate it signed (Consul's ca_file with verify_incoming)")
+    _env_flag(p, "--ca-file", "", "PEM CA certificate to check the certificate of an https "
+              "--join/--registry agent with (default: the system's CAs)",
+              env="CONSULATE_CACERT")
+    _env_flag(p, "--client-cert", "", "PEM client certificate for an https --join/--registry "
+              "agent that verifies clients (its --tls-ca)")
+    _env_flag(p, "--client-key", "", "PEM private key of --client-cert")
+    _env_flag(p, "--http-max-conns-per-client", str(AgentConfig.http_max_conns_per_client),
+              "connections one client address may hold open to the HTTP API (each blocking "
+              "query or event stream holds one); more are answered 429; 0: no limit "
+              "(Consul's limits.http_max_conns_per_client)", type=int)
     _env_flag(p, "--http-addr", "127.0.0.1:8500", "HTTP API listen address")
     _env_flag(p, "--dns-addr", "127.0.0.1:8600",
               "DNS listen addresses, comma-separated HOST:PORT")
@@ -137,6 +159,15 @@ def _add_agent(sub: Any) -> None:
               type=float)
     _env_flag(p, "--relay", defaults.relay,
               "byte mover: native (C splice engine), python, or auto (native when built)")
+    _env_flag(p, "--max-connections", "auto", "connections the proxy relays at once; "
+              "beyond it new ones are reset (auto: (RLIMIT_NOFILE - 256) / 2, at most 65536, "
+              "as HAProxy derives maxconn)")
+    _env_flag(p, "--max-pending-per-service", str(defaults.max_pending_per_service),
+              "connections of one service still connecting to an endpoint; beyond it new "
+              "ones are reset (Envoy's max_pending_requests)")
+    _env_flag(p, "--dns-rate-limit", "0", "UDP DNS answers per second per client address "
+              "(token bucket, burst of one second's worth, at least 1); over it queries are "
+              "dropped, every second one answered with TC=1 (0: off)")
     p.add_argument("--no-iptables", action="store_true",
                    default=_env_bool("CONSULATE_NO_IPTABLES"),
                    help="do not install iptables rules or the VIP route (env "
@@ -176,6 +207,14 @@ def _add_agent(sub: Any) -> None:
               "connections iptables redirects to it")
     _env_flag(p, "--bridge-ip", "", "the container bridge address omni mode takes over, on "
               "every port but the agent's own (default: docker0's address)")
+    _env_flag(p, "--user", "", "run as this user (HAProxy's user): the agent, started as "
+              "root, gives it --data-dir and keeps only the capabilities it uses, "
+              "CAP_NET_ADMIN and CAP_NET_BIND_SERVICE (README: Privileges)")
+    _env_flag(p, "--group", "", "run as this group (default: the --user's own)")
+    p.add_argument("--keep-capabilities", action="store_true",
+                   default=_env_bool("CONSULATE_KEEP_CAPABILITIES"),
+                   help="keep every capability the agent was started with (by default it "
+                   "drops those it does not use; env CONSULATE_KEEP_CAPABILITIES)")
     p.add_argument("--cleanup", action="store_true",
                    help="remove the rules, chains and route a previous agent left, then exit")
     p.set_defaults(func=_cmd_agent)
@@ -190,7 +229,14 @@ def _agent_config(args: argparse.Namespace) -> AgentConfig:
         vip_cidr=args.vip_cidr, mark=parse_mark(args.mark), iptables=not args.no_iptables,
         connect_timeout=args.connect_timeout, relay=args.relay, registry=_registry_of(args),
         base_ejection_time=args.base_ejection_time,
+        max_connections=parse_count("--max-connections", args.max_connections, auto=True),
+        max_pending_per_service=parse_count("--max-pending-per-service",
+                                            args.max_pending_per_service),
+        dns_rate_limit=parse_rate("--dns-rate-limit", args.dns_rate_limit),
         token=args.token,
+        tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca,
+        ca_file=args.ca_file, client_cert=args.client_cert, client_key=args.client_key,
+        http_max_conns_per_client=args.http_max_conns_per_client,
         alt_domain=args.alt_domain, dns_a=args.dns_a, udp_max=args.udp_max,
         recursors=[parse_recursor(r) for r in _listed(args.recursor, "--recursor")],
         recursor_timeout=args.recursor_timeout,
@@ -212,6 +258,7 @@ def _agent_config(args: argparse.Namespace) -> AgentConfig:
         scheduler_exec_netns=args.scheduler_exec_netns,
         ambassador=args.ambassador, bridge_ip=args.bridge_ip,
         ambassador_addr=parse_hostport("--ambassador-addr", args.ambassador_addr),
+        user=args.user, group=args.group, keep_capabilities=args.keep_capabilities,
     )
 
 
@@ -221,8 +268,9 @@ def _registry_of(args: argparse.Namespace) -> str:
         return str(args.registry)
     if args.registry != "embedded":
         raise CliError(f"--join {args.join} and --registry {args.registry}: give one of them")
-    host, port = parse_hostport("--join", args.join)
-    return f"http://{host}:{port}"
+    scheme = "https" if args.join.startswith("https://") else "http"
+    host, port = parse_hostport("--join", args.join.removeprefix(f"{scheme}://"))
+    return f"{scheme}://{host}:{port}"
 
 
 def _cmd_agent(args: argparse.Namespace) -> int:
@@ -232,6 +280,7 @@ def _cmd_agent(args: argparse.Namespace) -> int:
         print("removed consulate's iptables rules and VIP route" if removed
               else "nothing to clean up")
         return 0
+    drop_for_agent(config)  # before any thread of the agent starts (capabilities are per thread)
     import uvloop
 
     async def serve() -> None:
@@ -246,13 +295,26 @@ def _cmd_agent(args: argparse.Namespace) -> int:
 
 
 def _client(args: argparse.Namespace) -> AgentClient:
-    return AgentClient(args.http_addr)
+    return client_for(args)
+
+
+def _add_connection_flags(p: argparse.ArgumentParser) -> None:
+    """How a client command reaches the agent: address, token, TLS (Consul's CLI
+    flags and, in CONSULATE_ form, its variables)."""
+    _env_flag(p, "--http-addr", "127.0.0.1:8500", "the agent's HTTP API: HOST:PORT, or "
+              "https://HOST:PORT for an agent serving TLS")
+    _env_flag(p, "--token", "", "the agent's token, sent as X-Consul-Token")
+    _env_flag(p, "--ca-file", "", "PEM CA certificate to check an https agent's "
+              "certificate with (default: the system's CAs)", env="CONSULATE_CACERT")
+    _env_flag(p, "--client-cert", "", "PEM client certificate, for an agent that verifies "
+              "clients (--tls-ca)")
+    _env_flag(p, "--client-key", "", "PEM private key of --client-cert")
 
 
 def _add_client_commands(sub: Any) -> None:
     def client_parser(name: str, help: str, func: Callable[[argparse.Namespace], int]) -> Any:
         p = sub.add_parser(name, help=help)
-        _env_flag(p, "--http-addr", "127.0.0.1:8500", "the agent's HTTP API")
+        _add_connection_flags(p)
         p.set_defaults(func=func)
         return p
 
@@ -280,7 +342,7 @@ def _add_client_commands(sub: Any) -> None:
 
 def _cmd_register(args: argparse.Namespace) -> int:
     host, sep, port = args.address.rpartition(":")
-    if not sep or not port.isdigit():
+    if not sep or not is_decimal(port):
         raise CliError(f"address {args.address!r} is not ADDR:PORT (for example 10.0.0.5:80)")
     meta = {}
     for pair in args.meta:
@@ -342,8 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_lab_parser(sub)
     add_registrator_parser(sub)
     add_configurator_parser(sub)
-    add_scheduler_parsers(sub, lambda p: _env_flag(p, "--http-addr", "127.0.0.1:8500",
-                                                   "the agent's HTTP API"))
+    add_scheduler_parsers(sub, _add_connection_flags)
     add_host_helper_parsers(sub)
     add_ambassador_parser(sub)
     _add_demo(sub)
@@ -361,7 +422,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return int(args.func(args))
-    except (CliError, ApiError, ConfigError, IptablesError, LocalRouteError, OSError) as exc:
+    except (CliError, ApiError, ConfigError, IptablesError, LocalRouteError, OSError,
+            PrivilegeError) as exc:
         print(f"consulate: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -9,7 +9,7 @@ from typing import Any
 from urllib.parse import quote
 
 from consulate.control import cli_format
-from consulate.control.client import AgentClient
+from consulate.control.client import client_for
 
 
 def _emit(args: argparse.Namespace, view: Any, renderables: list[Any]) -> int:
@@ -21,12 +21,12 @@ def _emit(args: argparse.Namespace, view: Any, renderables: list[Any]) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    view = cli_format.status_view(AgentClient(args.http_addr).request("GET", "/v1/agent/self"))
+    view = cli_format.status_view(client_for(args).request("GET", "/v1/agent/self"))
     return _emit(args, view, cli_format.status_renderables(view))
 
 
 def cmd_services(args: argparse.Namespace) -> int:
-    client = AgentClient(args.http_addr)
+    client = client_for(args)
     catalog = {name: client.request("GET", f"/v1/catalog/service/{quote(name, safe='')}")
                for name in client.request("GET", "/v1/catalog/services")}
     view = cli_format.services_view(catalog)
@@ -34,7 +34,7 @@ def cmd_services(args: argparse.Namespace) -> int:
 
 
 def cmd_routes(args: argparse.Namespace) -> int:
-    view = cli_format.routes_view(AgentClient(args.http_addr).request("GET", "/v1/agent/routes"))
+    view = cli_format.routes_view(client_for(args).request("GET", "/v1/agent/routes"))
     return _emit(args, view, [cli_format.routes_table(view)])
 
 

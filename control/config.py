@@ -13,6 +13,7 @@ from consulate.control.service_definition import InvalidDefinition, parse_durati
 from consulate.dns.config import A_MODES, DEFAULT_UDP_MAX, DnsConfig, SoaTimers, TtlPolicy
 from consulate.dns.wire import MIN_UDP
 from consulate.proxy.iptables import AmbassadorRedirect
+from consulate.proxy.limits import ConnectionLimits, LimitError, default_max_connections
 
 DEFAULT_VIP_CIDR = "240.0.0.0/4"  # Consul's virtual-IP range, never routed on the internet
 DEFAULT_MARK = 0xC0A  # marks the proxy's upstream sockets so iptables never redirects them
@@ -32,10 +33,15 @@ class ConfigError(ValueError):
     """A flag or variable has a value the agent cannot use; the message names it."""
 
 
+def is_decimal(text: str) -> bool:
+    """ASCII digits only: str.isdigit() also takes '²', which int() refuses."""
+    return text.isascii() and text.isdigit()
+
+
 def parse_hostport(flag: str, text: str) -> tuple[str, int]:
     """``HOST:PORT`` as given to ``flag``, with both parts checked."""
     host, sep, port_text = text.rpartition(":")
-    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+    if not sep or not host or not is_decimal(port_text) or not 0 <= int(port_text) <= 65535:
         raise ConfigError(f"{flag} {text!r} is not HOST:PORT (for example 127.0.0.1:8500)")
     try:
         ipaddress.IPv4Address(host)
@@ -62,7 +68,7 @@ def parse_recursor(text: str) -> tuple[str, int]:
         host, port_text = text, "53"
     try:
         ipaddress.IPv4Address(host)
-        port = int(port_text) if port_text.isdigit() else 0
+        port = int(port_text) if is_decimal(port_text) else 0
     except ValueError:
         port = 0
     if not 1 <= port <= 65535:
@@ -73,7 +79,7 @@ def parse_recursor(text: str) -> tuple[str, int]:
 
 def parse_seconds(flag: str, text: str) -> int:
     """Whole seconds, as a number (``30``) or a Go duration (``30s``, ``1m``)."""
-    if text.isdigit():
+    if is_decimal(text):
         return int(text)
     try:
         seconds = parse_duration(text)
@@ -88,7 +94,7 @@ def parse_seconds(flag: str, text: str) -> int:
 def parse_positive_seconds(flag: str, text: str) -> float:
     """A duration longer than zero, as seconds (``2.5``) or Go's form (``10s``, ``1m``)."""
     try:
-        seconds = float(text) if text.replace(".", "", 1).isdigit() else parse_duration(text)
+        seconds = float(text) if is_decimal(text.replace(".", "", 1)) else parse_duration(text)
     except InvalidDefinition:
         seconds = 0.0
     if seconds <= 0:
@@ -119,6 +125,30 @@ def parse_node_meta(text: str) -> tuple[str, str]:
     return key, value
 
 
+def parse_count(flag: str, text: str, *, auto: bool = False) -> int:
+    """A whole number of 1 or more (``auto``: also the word auto, returned as 0)."""
+    if auto and text.strip().lower() == "auto":
+        return 0
+    value = int(text) if is_decimal(text.strip()) else 0
+    if value < 1:
+        either = " or auto" if auto else ""
+        raise ConfigError(f"{flag} {text!r} must be a whole number of 1 or more{either} "
+                          "(for example 1024)")
+    return value
+
+
+def parse_rate(flag: str, text: str) -> float:
+    """A rate per second of 0 (off) or more, such as ``100`` or ``12.5``."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise ConfigError(f"{flag} {text!r} must be a number of 0 (off) or more, per second "
+                          "(for example 100)")
+    return value
+
+
 def _check_domain(flag: str, domain: str) -> str:
     """``domain`` lower-cased and ending with a dot, if it is a usable DNS name."""
     name = domain.lower().rstrip(".")
@@ -147,8 +177,18 @@ class AgentConfig:
     connect_timeout: float = 2.0
     base_ejection_time: float = 30.0  # outlier ejection, x the endpoint's ejections (Envoy)
     relay: str = "auto"  # native when the extension is built and usable, else python
+    max_connections: int = 0  # relayed at once; 0: derived from RLIMIT_NOFILE (HAProxy)
+    max_pending_per_service: int = 1024  # connecting at once per service (Envoy's default)
+    dns_rate_limit: float = 0.0  # UDP answers per second per client address; 0: off
     registry: str = "embedded"  # or etcd://HOST:PORT[,HOST:PORT...][/PREFIX]
     token: str = ""  # needed by writes to the HTTP API; required off loopback
+    tls_cert: str = ""  # PEM certificate chain: the HTTP API serves https with it
+    tls_key: str = ""  # its PEM private key
+    tls_ca: str = ""  # PEM CA: clients of the API must present a certificate it signed
+    ca_file: str = ""  # PEM CA checking an https --registry/--join agent ("": system CAs)
+    client_cert: str = ""  # PEM client certificate for that agent (when it has --tls-ca)
+    client_key: str = ""  # its PEM private key
+    http_max_conns_per_client: int = 200  # Consul's limits.http_max_conns_per_client; 0: none
     alt_domain: str = ""
     dns_a: str = "vip"
     udp_max: int = DEFAULT_UDP_MAX
@@ -170,6 +210,14 @@ class AgentConfig:
     ambassador: bool = False  # omni mode: containers' BACKEND_<port> routed (Ambassadord)
     ambassador_addr: tuple[str, int] = ("0.0.0.0", 10001)
     bridge_ip: str = ""  # the container bridge's address omni mode takes; "": docker0's
+    user: str = ""  # run as this user (HAProxy's user), with only the capabilities needed
+    group: str = ""  # and this group; "": the user's own (HAProxy's group)
+    keep_capabilities: bool = False  # do not drop the capabilities the agent does not use
+
+    @property
+    def http_beyond_loopback(self) -> bool:
+        """The HTTP API takes connections from containers or other hosts."""
+        return not ipaddress.IPv4Address(self.http_addr[0]).is_loopback
 
     def validate(self) -> None:
         try:
@@ -183,21 +231,41 @@ class AgentConfig:
         except ValueError:
             raise ConfigError(f"--advertise {self.advertise!r} is not an IPv4 address") from None
         self._validate_dns()
-        if not self.token and not ipaddress.IPv4Address(self.http_addr[0]).is_loopback:
+        if not self.token and self.http_beyond_loopback:
             raise ConfigError(
                 f"--http-addr {self.http_addr[0]}:{self.http_addr[1]} listens beyond this "
-                "host: set --token (or CONSULATE_TOKEN) so that writes to the API need it")
+                "host: set --token (or CONSULATE_TOKEN) so that writes to the API and KV "
+                "reads need it")
         try:
-            parse_location(self.registry)
+            location = parse_location(self.registry)
         except BadLocation as exc:
             raise ConfigError(str(exc)) from None
+        given = [flag for flag, path in (("--ca-file", self.ca_file), ("--client-cert",
+                 self.client_cert), ("--client-key", self.client_key)) if path]
+        if given and not location.https:
+            raise ConfigError(f"{given[0]} is for an agent reached over TLS: use it with "
+                              "--join https://HOST:PORT or --registry https://HOST:PORT "
+                              f"(the registry is {self.registry})")
         if self.relay not in RELAYS:
             raise ConfigError(f"--relay {self.relay!r} is unknown: use one of {', '.join(RELAYS)}")
         if self.connect_timeout <= 0:
             raise ConfigError(f"--connect-timeout {self.connect_timeout} must be above 0")
+        self.connection_limits()  # raises for a bad value
+        if not 0 <= self.dns_rate_limit < float("inf"):
+            raise ConfigError(f"--dns-rate-limit {self.dns_rate_limit} must be 0 (off) or "
+                              "more answers per second per client address")
         if not self.base_ejection_time > 0:
             raise ConfigError(f"--base-ejection-time {self.base_ejection_time} must be above 0 "
                               "(seconds an endpoint stays ejected the first time)")
+        if self.http_max_conns_per_client < 0:
+            raise ConfigError(f"--http-max-conns-per-client {self.http_max_conns_per_client} "
+                              "must be 0 (no limit) or more (Consul's default is 200)")
+        if self.group and not self.user:
+            raise ConfigError(f"--group {self.group!r} needs --user: give the user to run as")
+        if self.keep_capabilities and self.user:
+            raise ConfigError(f"--keep-capabilities and --user {self.user!r}: a user other "
+                              "than root keeps only the capabilities the agent needs; give "
+                              "one of them")
 
     def _validate_dns(self) -> None:
         self.domain = _check_domain("--domain", self.domain)
@@ -240,6 +308,14 @@ class AgentConfig:
             raise ConfigError(f"--bridge-ip {bridge_ip!r} is not an IPv4 address") from None
         return AmbassadorRedirect(bridge_ip, self.ambassador_addr[1], tuple(sorted(keep)))
 
+    def connection_limits(self) -> ConnectionLimits:
+        """The proxy's limits, with --max-connections derived when not given."""
+        try:
+            return ConnectionLimits(self.max_connections or default_max_connections(),
+                                    self.max_pending_per_service)
+        except LimitError as exc:
+            raise ConfigError(str(exc)) from None
+
     def dns_config(self) -> DnsConfig:
         """The responder's options (call after ``validate``)."""
         return DnsConfig(
@@ -248,4 +324,5 @@ class AgentConfig:
             node_meta=dict(self.node_meta), a_records=self.dns_a, udp_max=self.udp_max,
             service_ttl=TtlPolicy(self.service_ttls), node_ttl=self.node_ttl, soa=self.soa,
             recursors=tuple(self.recursors), recursor_timeout=self.recursor_timeout,
+            rate_limit=self.dns_rate_limit,
         )

@@ -66,7 +66,8 @@ def parse_instance(name: str, instance_id: str, body: object, node: str) -> Inst
                                 f"{', '.join(sorted(_BODY_FIELDS))}")
     addr = body.get("addr")
     host, sep, port_text = addr.rpartition(":") if isinstance(addr, str) else ("", "", "")
-    if not sep or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+    if not sep or not (port_text.isascii() and port_text.isdigit()
+                       and 1 <= int(port_text) <= 65535):
         raise InvalidDefinition(f"addr {addr!r} must be IP:PORT with a port from 1 to 65535")
     check_ipv4(host, "give the instance's IP")
     proto = body.get("proto", "tcp")
@@ -101,6 +102,8 @@ class _Discover:
             body = json.loads(await request.read() or b"null")
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise web.HTTPBadRequest(text=f"invalid JSON body: {exc}") from None
+        except RecursionError:
+            raise web.HTTPBadRequest(text="invalid JSON body: nested too deeply") from None
         try:
             instance = parse_instance(name, instance_id, body, self.node)
         except InvalidDefinition as exc:

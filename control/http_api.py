@@ -1,15 +1,21 @@
 """The agent's HTTP API (aiohttp): the Consul-compatible subset users script against.
 
-Errors are plain text, as Consul sends them: status 400 for a bad request, 404
-for an unknown id, 405 for a wrong method, 503 when the registry backend cannot
-be reached (the agent keeps serving; the message names the backend). Blocking
+Errors are plain text, as Consul sends them: status 400 for a bad request, 403
+without the agent's token where it is needed (every write, and KV reads when the
+API listens beyond loopback), 404 for an unknown id, 405 for a wrong method, 413
+for a body over 1 MiB, 503 when the registry backend cannot be reached (the agent
+keeps serving; the message names the backend), except for a registration through
+an agent that owns its instances: it is kept and registered once the backend
+answers, as a Consul agent syncs its local state to the servers. Blocking
 queries (``?index=&wait=``) work on the catalog reads, so Consul tooling that
 long-polls works unchanged.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
+import logging
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -32,10 +38,13 @@ from consulate.control.service_definition import (
     parse_registration,
 )
 
+log = logging.getLogger("consulate.api")
+
 # The keys of each answer's elements: what a ?filter= selector may start with.
 _SAMPLE = Instance(id="", name="", address="", port=0)
 _CATALOG_FIELDS = tuple(catalog_entry(_SAMPLE, node_address="", datacenter=""))
 _AGENT_SERVICE_FIELDS = tuple(agent_service(_SAMPLE, datacenter=""))
+MAX_BODY = 1024 * 1024  # bytes of a request body (Consul's KV transactions take as much)
 
 
 def _bad_request(message: str) -> web.HTTPBadRequest:
@@ -57,8 +66,17 @@ async def register_service(request: web.Request) -> web.Response:
     if ctx.local is not None:
         instance = ctx.local.owned(instance)
         sent = ctx.local.now()
-    stored = await ctx.registry.register(
-        instance.keeping_check_results(await ctx.registry.get(instance.id)))
+    try:
+        stored = await ctx.registry.register(
+            instance.keeping_check_results(await ctx.registry.get(instance.id)))
+    except RegistryUnavailable as exc:
+        if ctx.local is None:
+            raise
+        # As a Consul agent with no server: kept locally, synced when the registry answers.
+        ctx.local.deferred(instance)
+        log.warning("event=register-deferred id=%s service=%s error=%s: kept by this agent, "
+                    "registered once the registry answers", instance.id, instance.name, exc)
+        return web.Response()
     if ctx.local is not None:
         ctx.local.added(stored, sent)
     ctx.health.observe(stored)
@@ -144,6 +162,7 @@ async def _registry_unavailable(request: web.Request, handler: Handler) -> web.S
 
 
 _WRITES = frozenset({"PUT", "POST", "DELETE", "PATCH"})
+_TOKEN_HINT = "(send it as X-Consul-Token or Authorization: Bearer)"
 
 
 def presented_token(request: web.Request) -> str:
@@ -157,19 +176,57 @@ def presented_token(request: web.Request) -> str:
     return token
 
 
+def token_matches(presented: str, expected: str) -> bool:
+    """Compared in constant time, over digests so that not even the length of the
+    expected token shows in the time taken."""
+    return hmac.compare_digest(hashlib.sha256(presented.encode()).digest(),
+                               hashlib.sha256(expected.encode()).digest())
+
+
+def _token_denial(request: web.Request, ctx: ApiContext) -> str | None:
+    """Why the request needs the token it lacks, or None when it may go on: every
+    write needs it, and so do KV reads when the API listens beyond loopback
+    (Consul's default-deny ACLs, for the data most likely to be secret)."""
+    if not ctx.token:
+        return None
+    if request.method in _WRITES:
+        need = "this write needs the agent's token"
+    elif ctx.kv_reads_need_token and request.path.startswith("/v1/kv/"):
+        need = ("reading KV needs the agent's token when the API listens beyond "
+                "loopback")
+    else:
+        return None
+    if token_matches(presented_token(request), ctx.token):
+        return None
+    return f"Permission denied: {need} {_TOKEN_HINT}"
+
+
 @web.middleware
-async def _writes_need_the_token(request: web.Request, handler: Handler) -> web.StreamResponse:
-    expected = request.app[CONTEXT].token
-    if expected and request.method in _WRITES and not hmac.compare_digest(
-            presented_token(request).encode(), expected.encode()):
-        raise web.HTTPForbidden(text="Permission denied: this write needs the agent's token "
-                                     "(send it as X-Consul-Token or Authorization: Bearer)")
+async def _token_required(request: web.Request, handler: Handler) -> web.StreamResponse:
+    denial = _token_denial(request, request.app[CONTEXT])
+    if denial is not None:
+        raise web.HTTPForbidden(text=denial)
     return await handler(request)
 
 
+@web.middleware
+async def _body_within_limit(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """aiohttp's own 413 (past ``client_max_size``), said as Consul says it."""
+    try:
+        return await handler(request)
+    except web.HTTPRequestEntityTooLarge as exc:
+        if exc.text is None or not exc.text.startswith("Maximum request body size"):
+            raise  # a handler's own, already explained
+        raise web.HTTPRequestEntityTooLarge(
+            max_size=MAX_BODY, actual_size=request.content_length or MAX_BODY + 1,
+            text=f"Request body too large, max size: {MAX_BODY} bytes (for a KV value, "
+                 f"{kv_api.MAX_VALUE} bytes)") from None
+
+
 def build_app(context: ApiContext) -> web.Application:
-    app = web.Application(client_max_size=1024 * 1024,
-                          middlewares=[_writes_need_the_token, _registry_unavailable])
+    app = web.Application(client_max_size=MAX_BODY,
+                          middlewares=[_token_required, _body_within_limit,
+                                       _registry_unavailable])
     app[CONTEXT] = context
     app.router.add_put("/v1/agent/service/register", register_service)
     app.router.add_put("/v1/agent/service/deregister/{service_id}", deregister_service)

@@ -43,7 +43,7 @@ def _number(request: web.Request, name: str) -> int | None:
     text = request.query.get(name)
     if text is None:
         return None
-    if not text.isdigit() or int(text) >= 2**64:
+    if not (text.isascii() and text.isdigit()) or int(text) >= 2**64:
         raise web.HTTPBadRequest(text=f"{name} {text!r} must be an unsigned 64-bit integer")
     return int(text)
 
@@ -75,11 +75,11 @@ class _KV:
         if not key:
             raise web.HTTPBadRequest(text="Missing key name: PUT /v1/kv/<key>")
         flags, cas = _number(request, "flags"), _number(request, "cas")
+        if (request.content_length or 0) > MAX_VALUE:  # refused before it is read, as Consul
+            raise _too_large(request.content_length or 0)
         value = await request.read()
-        if len(value) > MAX_VALUE:
-            raise web.HTTPRequestEntityTooLarge(
-                max_size=MAX_VALUE, actual_size=len(value),
-                text=f"Value exceeds {MAX_VALUE} byte limit")
+        if len(value) > MAX_VALUE:  # a chunked body says its size only once read
+            raise _too_large(len(value))
         done = await self.registry.kv_put(key, value, flags=flags or 0, cas=cas)
         return web.json_response(done)
 
@@ -104,6 +104,14 @@ def _keys(entries: list[KVEntry], prefix: str, separator: str) -> list[str]:
         if not found or found[-1] != name:
             found.append(name)
     return found
+
+
+def _too_large(size: int) -> web.HTTPRequestEntityTooLarge:
+    """Consul's answer to a value over its ``kv_max_value_size``."""
+    return web.HTTPRequestEntityTooLarge(
+        max_size=MAX_VALUE, actual_size=size,
+        text=f"Request body({size} bytes) too large, max size: {MAX_VALUE} bytes "
+             "(Consul's kv_max_value_size)")
 
 
 def _not_found(index: int) -> web.HTTPNotFound:

@@ -36,6 +36,7 @@ class LabAgent:
     log_path: Path
     extra_args: list[str] = field(default_factory=list)
     token: str = ""  # given to the agent with --token and sent with every API call
+    launcher: list[str] = field(default_factory=list)  # a command the agent runs under
     process: subprocess.Popen[bytes] | None = None
     _log: IO[bytes] | None = None
 
@@ -47,7 +48,7 @@ class LabAgent:
         """Start the agent; wait until it is ready (``ready=False``: until it answers)."""
         self._log = open(self.log_path, "ab")  # noqa: SIM115 (closed in stop)
         argv = [
-            sys.executable, "-m", "consulate.control.cli", "agent",
+            *self.launcher, sys.executable, "-m", "consulate.control.cli", "agent",
             "--data-dir", str(self.data_dir),
             "--node", f"h{self.host}",
             "--advertise", self.lab.bridge_ip(self.host),

@@ -67,6 +67,7 @@ class LabDocker:
     work: Path
     process: subprocess.Popen[bytes] | None = None
     client: docker.DockerClient | None = None
+    daemon_args: tuple[str, ...] = ()  # more dockerd flags, e.g. ("--live-restore",)
     _log: IO[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -90,7 +91,7 @@ class LabDocker:
              "--exec-root", str(self.work / "exec"), "--pidfile", str(self.work / "docker.pid"),
              "-H", self.url, "--containerd-namespace", namespace,
              "--containerd-plugins-namespace", f"{namespace}-plugins",
-             "--shutdown-timeout", str(SHUTDOWN_TIMEOUT)],
+             "--shutdown-timeout", str(SHUTDOWN_TIMEOUT), *self.daemon_args],
             stdout=self._log, stderr=self._log, start_new_session=True)
         self._wait_ready()
         self.client = docker.DockerClient(base_url=self.url, version="auto")
@@ -181,9 +182,21 @@ class LabDocker:
         if self.process is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.process.pid, signal.SIGKILL)
+        if remove_containers:
+            self._unmount_data_root()
         if self._log is not None:
             self._log.close()
             self._log = None
+
+    def _unmount_data_root(self) -> None:
+        """dockerd bind-mounts its data root on itself; with --live-restore it leaves
+        that mount behind when it exits (for the containers it would leave running),
+        and the work directory could not be removed."""
+        data_root = str(self.work / "data")
+        with open("/proc/self/mounts") as mounts:
+            mounted = any(line.split()[1] == data_root for line in mounts)
+        if mounted:
+            subprocess.run(["umount", data_root], check=True)
 
     def log(self) -> str:
         path = self.work / "dockerd.log"

@@ -9,9 +9,16 @@ cut off, its instances leave every other host's routes within the TTL; when it
 comes back, whatever expired meanwhile is registered again from the copy kept
 here (and in ``services.json``, so that a restarted agent restores them too).
 
+A registration made while the registry cannot be reached is kept here too, as
+a Consul agent keeps it in its local state while no server answers: the next
+heartbeat round that reaches the registry registers it.
+
 An instance the registry lost although its last heartbeat is recent cannot
 have expired: someone deregistered it (through another agent, or the registry
-itself), so it is forgotten here rather than resurrected.
+itself), so it is forgotten here rather than resurrected. Unless the registry's
+index went back below the one it gave that registration: then the registry lost
+its data (an etcd restarted empty, a restore from an older backup), nobody undid
+anything, and the instance is registered again.
 """
 
 from __future__ import annotations
@@ -54,11 +61,15 @@ class LocalServices:
         self._registry = registry
         self._clock = clock
         self._renewed: dict[str, float] = {}  # id -> when the registry last confirmed it
+        self._indexes: dict[str, int] = {}  # id -> the registry index of its registration
         self._path = path
         self.ttl = ttl
         self._held: dict[str, Instance] = {}
+        self._deferred: set[str] = set()  # held, not yet in the registry (it was down)
         self._task: asyncio.Task[None] | None = None
-        self._outage = False
+        # Why heartbeats cannot reach the registry now ("" while they do): the
+        # outage the agent's status reports.
+        self.heartbeat_error = ""
         if path.exists():
             try:
                 self._held = {i.id: i for i in map(instance_from_dict, json.loads(
@@ -80,10 +91,22 @@ class LocalServices:
         """``instance`` was registered by a call sent at ``sent_at`` (``now()``)."""
         self._held[instance.id] = instance.indexed(0, 0)
         self._renewed[instance.id] = sent_at
+        self._indexes[instance.id] = instance.modify_index
+        self._save()
+
+    def deferred(self, instance: Instance) -> None:
+        """``instance`` could not be registered (the registry is unavailable): held, and
+        registered by the first heartbeat round that reaches the registry."""
+        self._held[instance.id] = instance.indexed(0, 0)
+        self._renewed.pop(instance.id, None)
+        self._indexes.pop(instance.id, None)
+        self._deferred.add(instance.id)
         self._save()
 
     def removed(self, instance_id: str) -> None:
+        self._deferred.discard(instance_id)
         self._renewed.pop(instance_id, None)
+        self._indexes.pop(instance_id, None)
         if self._held.pop(instance_id, None) is not None:
             self._save()
 
@@ -116,31 +139,40 @@ class LocalServices:
                 else:
                     self._renewed[instance.id] = sent
             except RegistryUnavailable as exc:
-                if not self._outage:
+                if not self.heartbeat_error:
                     log.warning("event=heartbeat-failed error=%s: retrying every %.1fs",
                                 exc, self.ttl / 3)
-                self._outage = True
+                self.heartbeat_error = str(exc)
                 return
             except RegistryError as exc:
                 log.warning("event=heartbeat-failed id=%s error=%s", instance.id, exc)
-        if self._outage:
+        if self.heartbeat_error:
             log.info("event=heartbeat-resumed instances=%d", len(self._held))
-        self._outage = False
+        self.heartbeat_error = ""
 
     async def _lost(self, instance: Instance) -> None:
         if instance.id not in self._held:
             return  # deregistered through this agent meanwhile
         renewed = self._renewed.get(instance.id)
-        if renewed is not None and self._clock() - renewed < self.ttl * EXPIRY_MARGIN:
-            self.removed(instance.id)
-            log.info("event=forget id=%s service=%s reason='deregistered elsewhere: its "
-                     "lease was still running'", instance.id, instance.name)
-            return
+        reason = "the registry lost it (expired while this host was away or down)"
+        if instance.id in self._deferred:
+            reason = "registered through this agent while the registry was unavailable"
+        elif renewed is not None and self._clock() - renewed < self.ttl * EXPIRY_MARGIN:
+            known = self._indexes.get(instance.id, 0)
+            _, index = await self._registry.instances(instance.name)
+            if index >= known:
+                self.removed(instance.id)
+                log.info("event=forget id=%s service=%s reason='deregistered elsewhere: its "
+                         "lease was still running'", instance.id, instance.name)
+                return
+            reason = f"the registry lost its data (its index went back from {known} to {index})"
         sent = self._clock()
-        await self._registry.register(instance)
+        stored = await self._registry.register(instance)
         self._renewed[instance.id] = sent
-        log.info("event=re-register id=%s service=%s reason='the registry lost it (expired "
-                 "while this host was away or down)'", instance.id, instance.name)
+        self._indexes[instance.id] = stored.modify_index
+        self._deferred.discard(instance.id)
+        log.info("event=re-register id=%s service=%s reason='%s'", instance.id, instance.name,
+                 reason)
 
     def _save(self) -> None:
         """Write the copy atomically: a crash leaves the old file or the new one."""

@@ -59,6 +59,12 @@ _SERVICE_METRICS = (
                    "Endpoints ejected by outlier detection.", True, optional=True),
     _ServiceMetric("ejections_active", "outlier_detection_ejections_active",
                    "Endpoints ejected now.", False, optional=True),
+    _ServiceMetric("pending_active", "upstream_rq_pending_active",
+                   "Connections of the service connecting to an endpoint now.", False,
+                   optional=True),
+    _ServiceMetric("pending_overflow", "upstream_rq_pending_overflow",
+                   "Connections refused (reset) over --max-pending-per-service.", True,
+                   optional=True),
 )
 
 # Bytes moved by splice(2), per direction, when the relay counts them per service;
@@ -77,6 +83,7 @@ class Scrape:
     route_version: int
     dns_rcodes: Sequence[int]  # replies sent, indexed by RCODE
     watch: Mapping[str, int]  # WatchHub.stats()
+    dns_rate_limited: int | None = None  # queries over --dns-rate-limit; None: it is off
 
 
 def families(scrape: Scrape) -> list[Metric]:
@@ -98,6 +105,11 @@ def families(scrape: Scrape) -> list[Metric]:
                        "service's VIP (reset at once).", True)
     no_route.add_metric([], int(scrape.proxy.get("unrouted", 0)))
     out.append(no_route)
+    if "overflow" in scrape.proxy:
+        overflow = _family("downstream_cx_overflow", "Connections refused (reset) over "
+                           "--max-connections.", True)
+        overflow.add_metric([], int(scrape.proxy["overflow"]))
+        out.append(overflow)
     membership = _family("membership_endpoints", "Endpoints of the service in the route table.",
                          False, [CLUSTER])
     for name in clusters:
@@ -107,6 +119,11 @@ def families(scrape: Scrape) -> list[Metric]:
     version.add_metric([], scrape.route_version)
     out.append(version)
     out.append(_dns_responses(scrape.dns_rcodes))
+    if scrape.dns_rate_limited is not None:
+        limited = _family("dns_rate_limited", "DNS queries over --dns-rate-limit (dropped, "
+                          "or answered with TC=1 every second one).", True)
+        limited.add_metric([], scrape.dns_rate_limited)
+        out.append(limited)
     for key, name, help in (
         ("services", "watch_services", "Services watched by blocking queries or streams."),
         ("waiters", "watch_blocking_queries", "Blocking queries (long polls) waiting."),

@@ -147,8 +147,8 @@ def parse_check(body: object, *, default_id: str, default_name: str) -> HealthCh
     elif kind == "tcp":
         target = check["tcp"]
         host, _, port = str(target).rpartition(":")
-        if not isinstance(target, str) or not host or not port.isdigit() or not (
-                1 <= int(port) <= 65535):
+        if not isinstance(target, str) or not host or not (
+                port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
             raise InvalidDefinition(f"check TCP {target!r} must be host:port")
     elif kind == "script":
         args = check["args"]

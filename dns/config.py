@@ -83,6 +83,7 @@ class DnsConfig:
     soa: SoaTimers = field(default_factory=SoaTimers)
     recursors: tuple[tuple[str, int], ...] = ()
     recursor_timeout: float = 2.0
+    rate_limit: float = 0.0  # UDP answers per second per client address; 0: no limit
 
     @property
     def zones(self) -> tuple[str, ...]:

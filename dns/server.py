@@ -8,7 +8,9 @@ syscalls and one event-loop wakeup per batch instead of per query. Without it,
 a DatagramProtocol makes one ``answer`` call and one ``sendto`` per datagram.
 Forwarded queries are the only ones that wait, each in its own task. An
 exception out of the responder (a bug) is logged, rate-limited, and answered
-with SERVFAIL: no packet can stop the server.
+with SERVFAIL: no packet can stop the server. With ``rate_limit`` set, UDP
+queries pass a per-client-address limit first (dns/ratelimit.py says what
+happens over it, and why TCP is not limited).
 """
 
 from __future__ import annotations
@@ -25,6 +27,15 @@ from dnslib import RCODE
 from consulate import native
 from consulate.dns.answer import Responder
 from consulate.dns.config import DnsConfig
+from consulate.dns.ratelimit import (
+    ANSWER,
+    QUIET_SECONDS,
+    SLIP,
+    ResponseRateLimit,
+    over_line,
+    slip_reply,
+    started_line,
+)
 from consulate.dns.recursor import Recursor
 from consulate.dns.wire import STREAM, failure
 
@@ -51,6 +62,7 @@ class _UdpProtocol(asyncio.DatagramProtocol):
         self._answer = server.responder.answer
         self._udp_max = server.config.udp_max
         self._rcodes = server.rcodes
+        self._limit = server.rate_limit
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's UDPTransport does not inherit asyncio.DatagramTransport.
@@ -58,6 +70,14 @@ class _UdpProtocol(asyncio.DatagramProtocol):
         self._sendto = self._transport.sendto
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        limit = self._limit
+        if limit is not None:
+            verdict = limit.check(addr[0], time.monotonic())
+            if verdict != ANSWER:
+                slipped = self._server.over_limit(data, verdict)
+                if slipped is not None:
+                    self._sendto(slipped, addr)
+                return
         try:
             reply = self._answer(data, self._udp_max)
         except Exception as exc:
@@ -86,7 +106,7 @@ class _BatchedUdp:
 
     def readable(self) -> None:
         answer, udp_max, batch = self._answer, self._udp_max, self._batch
-        rcodes = self._server.rcodes
+        rcodes, limit = self._server.rcodes, self._server.rate_limit
         for _ in range(self.BATCHES_PER_WAKEUP):
             try:
                 queries = batch.receive()
@@ -99,6 +119,13 @@ class _BatchedUdp:
             for slot, query in enumerate(queries):
                 if not query:
                     continue  # longer than a slot: no DNS query is, drop it
+                if limit is not None:
+                    verdict = limit.check(batch.peer(slot)[0], time.monotonic())
+                    if verdict != ANSWER:
+                        slipped = self._server.over_limit(query, verdict)
+                        if slipped is not None:
+                            replies.append((slot, slipped))
+                        continue
                 try:
                     reply = answer(query, udp_max)
                 except Exception as exc:
@@ -140,6 +167,9 @@ class DnsServer:
         # Replies sent, by the header's 4-bit RCODE (RFC 1035 4.1.1), for /metrics:
         # counted where each reply leaves, a list index being the cheapest count.
         self.rcodes = [0] * 16
+        self.rate_limit = (ResponseRateLimit(config.rate_limit) if config.rate_limit > 0
+                           else None)
+        self._episode_timer: asyncio.TimerHandle | None = None
 
     async def listen(self, host: str, port: int) -> None:
         loop = asyncio.get_running_loop()
@@ -182,6 +212,9 @@ class DnsServer:
             server.close()
         for task in self._tasks:
             task.cancel()
+        if self._episode_timer is not None:
+            self._episode_timer.cancel()
+            self._episode_timer = None
         self._transports.clear()
         self._servers.clear()
 
@@ -197,6 +230,38 @@ class DnsServer:
                            udp_max=self.config.udp_max)
         except Exception:
             return None
+
+    def over_limit(self, packet: bytes, verdict: str) -> bytes | None:
+        """A UDP query over the rate limit: the TC=1 reply to send when it slips,
+        else None (dropped). Logs the first of an episode."""
+        limit = self.rate_limit
+        assert limit is not None
+        episode = limit.episode_started()
+        if episode is not None:
+            log.warning(started_line(episode))
+            if self._episode_timer is None:
+                self._episode_timer = asyncio.get_running_loop().call_later(
+                    QUIET_SECONDS, self._episode_check)
+        if verdict != SLIP:
+            return None
+        reply = slip_reply(packet)
+        if reply is not None:
+            self.rcodes[RCODE.NOERROR] += 1
+        return reply
+
+    def _episode_check(self) -> None:
+        """Log the end of a rate-limit episode once it has been quiet long enough."""
+        self._episode_timer = None
+        limit = self.rate_limit
+        if limit is None or limit.episode is None:
+            return
+        now = time.monotonic()
+        episode = limit.episode_over(now)
+        if episode is not None:
+            log.warning(over_line(episode))
+            return
+        self._episode_timer = asyncio.get_running_loop().call_later(
+            max(limit.episode.last + QUIET_SECONDS - now, 0.0) + 0.01, self._episode_check)
 
     def forward_datagram(self, packet: bytes, addr: tuple[str, int], send: Send) -> None:
         task = asyncio.get_running_loop().create_task(

@@ -67,7 +67,7 @@ def query_key(packet: bytes, max_udp: int) -> bytes | None:
         end = size - 11
         edns_size = packet[size - 8] << 8 | packet[size - 7]
     else:
-        found = _question_end(packet)  # options follow (a cookie, say): find the OPT
+        found = question_end(packet)  # options follow (a cookie, say): find the OPT
         if found is None:
             return None
         end = found
@@ -81,7 +81,7 @@ def query_key(packet: bytes, max_udp: int) -> bytes | None:
     return packet[2:end] + size_limit(edns_size, max_udp).to_bytes(2, "big")
 
 
-def _question_end(packet: bytes) -> int | None:
+def question_end(packet: bytes) -> int | None:
     """Where the single question ends (after QTYPE and QCLASS), or None if unreadable."""
     at, size = 12, len(packet)
     while at < size:

@@ -34,6 +34,7 @@ typedef struct consulate_relay_stats {
     uint64_t pipes_open;
     uint64_t accepted;
     uint64_t unrouted;
+    uint64_t overflow;
 } consulate_relay_stats;
 
 typedef struct consulate_service_counters {
@@ -41,6 +42,7 @@ typedef struct consulate_service_counters {
     uint64_t bytes_to_upstream, bytes_to_client;
     uint64_t ejections, ejections_active;
     uint64_t bytes_spliced_to_upstream, bytes_spliced_to_client;
+    uint64_t pending_active, pending_overflow, pending_refusing;
 } consulate_service_counters;
 
 typedef struct consulate_route {
@@ -61,7 +63,8 @@ int consulate_relay_add(consulate_relay_engine *e, uint64_t id, int fd_a, int fd
 int consulate_relay_listen(consulate_relay_engine *e, int listen_fd, uint32_t mark,
                            int attempts, uint32_t mark_net, uint32_t mark_mask,
                            int consecutive_failures, double base_ejection_time,
-                           double max_ejection_time, int max_ejection_percent);
+                           double max_ejection_time, int max_ejection_percent,
+                           uint64_t max_connections, uint64_t max_pending);
 void consulate_relay_unlisten(consulate_relay_engine *e);
 int consulate_relay_set_routes(consulate_relay_engine *e, const consulate_route *routes,
                                size_t count, const uint32_t *addrs, const uint16_t *ports,

@@ -29,7 +29,7 @@ from consulate.native.model import (
 _ffi, _lib = _relay.ffi, _relay.lib
 
 REASONS = ("done", "error", "idle", "stopped", "connect-failed", "unrouted", "no-endpoints",
-           "accept-failed", "ejected", "returned")
+           "accept-failed", "ejected", "returned", "limit-reached", "limit-cleared")
 MAX_CANDIDATES = 8
 BALANCERS = 5  # relay.c's LB_*: indices of proxy/balance.py's LB_NAMES
 DEFAULT_PIPE_SIZE = 1 << 20  # 1 MiB pipes move ~45% more than 64 KiB ones here
@@ -82,25 +82,31 @@ class SpliceEngine:
     def listen(self, listener: socket.socket, *, mark: int = 0, attempts: int = 3,
                marked_network: str = "0.0.0.0/0", consecutive_failures: int = 5,
                base_ejection_time: float = 30.0, max_ejection_time: float = 300.0,
-               max_ejection_percent: int = 50) -> None:
+               max_ejection_percent: int = 50, max_connections: int = 65536,
+               max_pending: int = 1024) -> None:
         """Accept on ``listener`` and route each connection by the table of ``set_routes``.
 
         The engine reads the original destination, picks up to ``attempts``
         endpoints of the VIP's service with the route's balancer and connects
         (upstream sockets to an address in ``marked_network`` carry ``mark``),
         ejecting endpoints by the outlier policy given (proxy/outlier.py's
-        OutlierPolicy fields), all without Python. The caller keeps the socket and
-        must call ``unlisten`` before closing it.
+        OutlierPolicy fields), all without Python. Over ``max_connections``
+        relayed at once, or ``max_pending`` of one service still connecting, an
+        accepted connection is reset (proxy/limits.py says why). The caller keeps
+        the socket and must call ``unlisten`` before closing it.
         """
         self._check_open()
         if not 1 <= attempts <= MAX_CANDIDATES:
             raise ValueError(f"attempts={attempts}: give 1 to {MAX_CANDIDATES}")
+        if max_connections < 1 or max_pending < 1:
+            raise ValueError(f"max_connections={max_connections}, max_pending={max_pending}: "
+                             "give limits of 1 or more")
         network = ipaddress.IPv4Network(marked_network)
         rc = _lib.consulate_relay_listen(self._handle, listener.fileno(), mark, attempts,
                                          _ipv4(str(network.network_address)),
                                          _ipv4(str(network.netmask)), consecutive_failures,
                                          base_ejection_time, max_ejection_time,
-                                         max_ejection_percent)
+                                         max_ejection_percent, max_connections, max_pending)
         if rc != 0:
             raise OSError(-rc, f"relay engine cannot accept: {os.strerror(-rc)} (or an "
                                "outlier setting out of range)")
@@ -151,7 +157,7 @@ class SpliceEngine:
             int(c.connections_total), int(c.connections_active), int(c.connect_failures),
             int(c.rejected), int(c.bytes_to_upstream), int(c.bytes_to_client),
             int(c.ejections), int(c.ejections_active), int(c.bytes_spliced_to_upstream),
-            int(c.bytes_spliced_to_client),
+            int(c.bytes_spliced_to_client), int(c.pending_active), int(c.pending_overflow),
         ) for c in (out[i] for i in range(got))]
 
     def poll(self) -> list[RelayResult]:
@@ -166,7 +172,7 @@ class SpliceEngine:
         out = _ffi.new("consulate_relay_stats *")
         _lib.consulate_relay_stats_get(self._handle, out)
         return EngineStats(int(out.active), int(out.pipes_pooled), int(out.pipes_open),
-                           int(out.accepted), int(out.unrouted))
+                           int(out.accepted), int(out.unrouted), int(out.overflow))
 
     def stop(self) -> list[RelayResult]:
         """End every connection (closed, reported as stopped) and the thread."""

@@ -6,6 +6,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+# What a limit-* result is about (its ``error`` field), in relay.c's LIMIT_* order.
+LIMITS = ("max_connections", "max_pending_per_service", "descriptors")
+
 
 @dataclass(frozen=True)
 class RelayResult:
@@ -32,6 +35,10 @@ class RelayResult:
     failures: int = 0  # ejected: the consecutive connect failures that caused it
     ejections: int = 0  # ejected: how many times, this one included
     ejection_time: float = 0.0  # ejected: for how long (seconds)
+    # limit-reached: a limit refused its first connection (error: the limit's
+    # index in LIMITS); limit-cleared: that episode ended (the next
+    # connection passed), ``failures`` connections refused in it (descriptors:
+    # accept(2) failures, each pausing accepts for 0.1 s).
 
 
 @dataclass(frozen=True)
@@ -41,6 +48,7 @@ class EngineStats:
     pipes_open: int
     accepted: int
     unrouted: int  # accepted connections whose destination is no known VIP
+    overflow: int = 0  # accepted connections refused over max_connections
 
 
 @dataclass(frozen=True)
@@ -72,3 +80,5 @@ class EngineServiceCounters:
     ejections_active: int = 0
     bytes_spliced_to_upstream: int = 0  # of bytes_to_upstream, moved by splice(2)
     bytes_spliced_to_client: int = 0
+    pending_active: int = 0  # connecting to an endpoint now
+    pending_overflow: int = 0  # refused over max_pending

@@ -65,12 +65,18 @@ enum { MODE_COPY = 0, MODE_SPLICE = 1 };
 enum { POLICY_ADAPTIVE = 0, POLICY_COPY = 1, POLICY_SPLICE = 2 };
 enum { REASON_DONE = 0, REASON_ERROR = 1, REASON_IDLE = 2, REASON_STOPPED = 3,
        REASON_CONNECT_FAILED = 4, REASON_UNROUTED = 5, REASON_NO_ENDPOINTS = 6,
-       REASON_ACCEPT_FAILED = 7, REASON_EJECTED = 8, REASON_RETURNED = 9 };
+       REASON_ACCEPT_FAILED = 7, REASON_EJECTED = 8, REASON_RETURNED = 9,
+       REASON_LIMIT_REACHED = 10, REASON_LIMIT_CLEARED = 11 };
+/* Which limit a REASON_LIMIT_* result is about (its error field; proxy/limits.py). */
+enum { LIMIT_MAX_CONNECTIONS = 0, LIMIT_MAX_PENDING = 1, LIMIT_DESCRIPTORS = 2 };
 /* Balancers, in the order of proxy/balance.py's LB_NAMES (values are the API). */
 enum { LB_ROUND_ROBIN = 0, LB_LEAST_CONN = 1, LB_P2C = 2, LB_HASH = 3, LB_WEIGHTED = 4 };
 #define MAX_CANDIDATES 8
 #define ACCEPTS_PER_EVENT 64        /* drain the backlog in batches, then serve the rest */
 #define ACCEPT_PAUSE_SECONDS 0.1    /* after EMFILE/ENFILE, instead of spinning */
+/* Accepts failing (EMFILE...) are one episode until one works this long after the
+ * last failure: descriptors hovering at the limit make a single report. */
+#define ACCEPT_EPISODE_QUIET 1.0
 #define ACCEPTED_ID_BASE (1ull << 63) /* ids the engine gives connections it accepted */
 
 typedef struct consulate_relay_result {
@@ -97,6 +103,7 @@ typedef struct consulate_relay_stats {
     uint64_t pipes_open;
     uint64_t accepted;
     uint64_t unrouted; /* accepted connections to no VIP in the route table */
+    uint64_t overflow; /* accepted connections refused over max_connections */
 } consulate_relay_stats;
 
 /* Counters of one service, for the connections the engine accepted. */
@@ -105,6 +112,9 @@ typedef struct consulate_service_counters {
     uint64_t bytes_to_upstream, bytes_to_client;
     uint64_t ejections, ejections_active; /* active: counted when read */
     uint64_t bytes_spliced_to_upstream, bytes_spliced_to_client; /* of the bytes above */
+    uint64_t pending_active;   /* accepted, connecting to an endpoint now */
+    uint64_t pending_overflow; /* refused over max_pending */
+    uint64_t pending_refusing; /* refused in the current episode (0: none running) */
 } consulate_service_counters;
 
 /* One route as Python gives it: endpoints [first, first + count) of the arrays
@@ -170,6 +180,10 @@ struct direction {
      * slots before the socket runs out of bytes. */
     int drained;
     int hangup_seen; /* the last event on src carried RDHUP/HUP/ERR: read on to the end */
+    /* That event carried RDHUP without ERR: the peer's FIN was in, behind all of
+     * its data, so a read that does not fill the buffer has read up to it and
+     * the recv that would return 0 is skipped. */
+    int fin_seen;
     uint64_t bytes, spliced;
 };
 
@@ -224,6 +238,11 @@ typedef struct consulate_relay_engine {
     uint32_t mark_net, mark_mask; /* only upstreams in this network get the mark */
     int attempts;
     double accept_paused_until; /* > 0 while paused after EMFILE */
+    /* Limits (proxy/limits.py): over them an accepted connection is reset. */
+    uint64_t max_connections, max_pending;
+    uint64_t overflow, overflow_refusing; /* refusing: in the current episode */
+    uint64_t accept_failing; /* accept(2) failures (EMFILE...) in the current episode */
+    double accept_failed_at; /* the last one */
     uint64_t next_accepted_id, accepted, unrouted;
     struct route_table *routes;
     consulate_service_counters *services;
@@ -303,9 +322,11 @@ static void pipe_give_back(consulate_relay_engine *e, struct direction *d)
 
 /* -- one direction ----------------------------------------------------------- */
 
-/* Move what can be moved now. Returns 1 when blocked writing to dst (wait for
- * EPOLLOUT there), 0 when waiting for input (or done), -errno on a socket error. */
-static int pump(consulate_relay_engine *e, struct direction *d, int *moved)
+/* Move what can be moved now (other: the opposite direction of the same
+ * connection). Returns 1 when blocked writing to dst (wait for EPOLLOUT there),
+ * 0 when waiting for input (or done), -errno on a socket error. */
+static int pump(consulate_relay_engine *e, struct direction *d, const struct direction *other,
+                int *moved)
 {
     ssize_t n;
     for (;;) {
@@ -331,8 +352,12 @@ static int pump(consulate_relay_engine *e, struct direction *d, int *moved)
             continue;
         }
         if (d->eof) {
+            /* When the other way is over too, the connection ends now and closing
+             * dst sends its FIN (its input was read to the end, so no RST): one
+             * syscall less per connection. */
             if (!d->shut) {
-                if (shutdown(d->dst, SHUT_WR) != 0 && errno != ENOTCONN)
+                if (!(other->eof && other->shut) && shutdown(d->dst, SHUT_WR) != 0 &&
+                    errno != ENOTCONN)
                     return -errno;
                 d->shut = 1;
             }
@@ -373,6 +398,7 @@ static int pump(consulate_relay_engine *e, struct direction *d, int *moved)
         d->buf_off = 0;
         d->buf_len = (size_t)n;
         d->drained = n < COPY_BUF_SIZE;
+        d->eof = d->drained && d->fin_seen;
         *moved = 1;
         if (n == COPY_BUF_SIZE && e->policy == POLICY_ADAPTIVE &&
             (d->pipe_r >= 0 || pipe_take(e, d) == 0))
@@ -443,8 +469,11 @@ static void upstream_release(struct conn *c)
 static void finish(consulate_relay_engine *e, struct conn *c, int reason, int error)
 {
     int i;
-    if (c->connecting)
+    if (c->connecting) {
         e->connecting--;
+        if (c->accepted)
+            e->services[c->service].pending_active--;
+    }
     for (i = 0; i < 2; i++) {
         if (c->fd[i] < 0)
             continue;
@@ -595,6 +624,8 @@ static int connected(consulate_relay_engine *e, struct conn *c)
     struct epoll_event ev;
     c->connecting = 0;
     e->connecting--;
+    if (c->accepted)
+        e->services[c->service].pending_active--;
     if (c->open_up != NULL)
         c->open_up->failures = 0; /* consecutive failures only */
     c->out_armed[1] = 1; /* registered with EPOLLOUT by start_attempt */
@@ -611,11 +642,11 @@ static int connected(consulate_relay_engine *e, struct conn *c)
 }
 
 /* Move what the readiness says can move: direction j reads when bit j of
- * input is set (hangup: that event saw RDHUP/HUP/ERR), and socket k that became
- * writable (bit k of writable) drains direction 1-k. Returns 1 when the
- * connection ended. */
+ * input is set (hangup: that event saw RDHUP/HUP/ERR; fin: RDHUP without ERR),
+ * and socket k that became writable (bit k of writable) drains direction 1-k.
+ * Returns 1 when the connection ended. */
 static int serve(consulate_relay_engine *e, struct conn *c, unsigned input, unsigned hangup,
-                 unsigned writable, double now)
+                 unsigned fin, unsigned writable, double now)
 {
     int j, rc, moved = 0;
     for (j = 0; j < 2; j++) {
@@ -624,14 +655,18 @@ static int serve(consulate_relay_engine *e, struct conn *c, unsigned input, unsi
         if (input & (1u << j)) {
             d->drained = 0;
             d->hangup_seen = (hangup >> j) & 1u;
+            d->fin_seen = (fin >> j) & 1u;
         } else if (!(writable & (1u << out))) {
             continue;
         }
-        rc = pump(e, d, &moved);
+        rc = pump(e, d, &c->dir[1 - j], &moved);
         if (rc == 1)
             rc = arm_out(e, c, out, 1);
-        else if (rc == 0 && (writable & (1u << out)))
-            rc = arm_out(e, c, out, 0); /* woken for room no write needs any more */
+        else if (rc == 0 && (writable & (1u << out)) && !(input & (1u << out)))
+            /* Woken only for room no write needs any more. An event that brought
+             * input too leaves it armed: a short connection then never pays the
+             * epoll_ctl, and a later pure write-space wakeup disarms it. */
+            rc = arm_out(e, c, out, 0);
         if (rc < 0) {
             finish(e, c, REASON_ERROR, -rc);
             return 1;
@@ -653,6 +688,7 @@ static int service(consulate_relay_engine *e, struct conn *c, int i, uint32_t ev
     int rc, err = 0;
     socklen_t len = sizeof(err);
     const uint32_t hangup_events = EPOLLRDHUP | EPOLLHUP | EPOLLERR;
+    const int fin = (events & (EPOLLRDHUP | EPOLLERR)) == EPOLLRDHUP;
     if (c->connecting) { /* only the upstream socket is polled while connecting */
         if (events & (EPOLLERR | EPOLLHUP)) {
             if (getsockopt(c->fd[1], SOL_SOCKET, SO_ERROR, &err, &len) != 0)
@@ -673,7 +709,7 @@ static int service(consulate_relay_engine *e, struct conn *c, int i, uint32_t ev
         /* The client's request is usually waiting already: relay it now, not
          * after another epoll_wait; the upstream's input edge is this event. */
         return serve(e, c, 1u | ((events & EPOLLIN) ? 2u : 0u),
-                     (events & hangup_events) ? 2u : 0u, 0, now);
+                     (events & hangup_events) ? 2u : 0u, fin ? 2u : 0u, 0, now);
     }
     if (events & EPOLLERR) {
         /* Nothing may be pending in either direction to surface it: ask. */
@@ -683,7 +719,7 @@ static int service(consulate_relay_engine *e, struct conn *c, int i, uint32_t ev
         }
     }
     return serve(e, c, (events & (EPOLLIN | hangup_events)) ? 1u << i : 0u,
-                 (events & hangup_events) ? 1u << i : 0u,
+                 (events & hangup_events) ? 1u << i : 0u, fin ? 1u << i : 0u,
                  (events & EPOLLOUT) ? 1u << i : 0u, now);
 }
 
@@ -1213,6 +1249,37 @@ static void refuse(consulate_relay_engine *e, int fd, const struct sockaddr_in *
     push_result(e, &c, reason, error);
 }
 
+/* A limit refused an accepted connection (reset): only the first refusal of an
+ * episode is reported, so a flood does not flood Python. */
+static void limit_refused(consulate_relay_engine *e, int fd, const struct sockaddr_in *client,
+                          const struct sockaddr_in *dest, uint32_t service, int limit,
+                          uint64_t *refusing)
+{
+    struct linger lg = {1, 0};
+    if ((*refusing)++ == 0) {
+        refuse(e, fd, client, dest, service, REASON_LIMIT_REACHED, limit);
+        return;
+    }
+    (void)setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
+    close(fd);
+}
+
+/* A connection passed the limit: an episode running ends, reported with its count. */
+static void limit_admitted(consulate_relay_engine *e, uint32_t service, int limit,
+                           uint64_t *refusing)
+{
+    consulate_relay_result *r;
+    if (*refusing == 0)
+        return;
+    if ((r = result_slot(e)) != NULL) {
+        r->reason = REASON_LIMIT_CLEARED;
+        r->error = limit;
+        r->service = service;
+        r->failures = *refusing > UINT32_MAX ? UINT32_MAX : (uint32_t)*refusing;
+    }
+    *refusing = 0;
+}
+
 static void accept_pause(consulate_relay_engine *e, double now)
 {
     struct epoll_event ev;
@@ -1244,7 +1311,6 @@ static void route_accepted(consulate_relay_engine *e, int fd, const struct socka
     struct conn *c;
     consulate_service_counters *sc;
     uint32_t k, ncand, picked[MAX_CANDIDATES] = {0};
-    int one = 1;
 
     memset(&dest, 0, sizeof(dest));
     if (getsockopt(fd, SOL_IP, SO_ORIGINAL_DST, &dest, &len) != 0) {
@@ -1264,6 +1330,12 @@ static void route_accepted(consulate_relay_engine *e, int fd, const struct socka
         refuse(e, fd, client, &dest, r->service, REASON_NO_ENDPOINTS, 0);
         return;
     }
+    if (sc->pending_active >= e->max_pending) {
+        sc->pending_overflow++;
+        limit_refused(e, fd, client, &dest, r->service, LIMIT_MAX_PENDING, &sc->pending_refusing);
+        return;
+    }
+    limit_admitted(e, r->service, LIMIT_MAX_PENDING, &sc->pending_refusing);
     if ((c = conn_new(ACCEPTED_ID_BASE | e->next_accepted_id++, fd, -1)) == NULL) {
         sc->rejected++;
         refuse(e, fd, client, &dest, r->service, REASON_ACCEPT_FAILED, ENOMEM);
@@ -1284,10 +1356,8 @@ static void route_accepted(consulate_relay_engine *e, int fd, const struct socka
         c->candidates[k] = u->addr;
     }
     c->ncandidates = (int)ncand;
-    /* Without it, a response split over two writes waits for the client's
-     * delayed ACK (40 ms); the upstream sockets get it in start_attempt. */
-    (void)setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
     sc->connections_active++;
+    sc->pending_active++;
     conn_link(e, c);
     c->connecting = 1;
     e->connecting++;
@@ -1310,11 +1380,22 @@ static void accept_ready(consulate_relay_engine *e, double now)
                 /* EMFILE and friends: the backlog keeps the clients, and a
                  * level-triggered listener would spin; pause, report, go on. */
                 accept_pause(e, now);
-                refuse(e, -1, NULL, NULL, 0, REASON_ACCEPT_FAILED, errno);
+                if (e->accept_failing++ == 0) /* reported once per episode */
+                    refuse(e, -1, NULL, NULL, 0, REASON_ACCEPT_FAILED, errno);
+                e->accept_failed_at = now;
             }
             return;
         }
         e->accepted++;
+        if (e->accept_failing > 0 && now - e->accept_failed_at >= ACCEPT_EPISODE_QUIET)
+            limit_admitted(e, 0, LIMIT_DESCRIPTORS, &e->accept_failing);
+        if (e->active >= e->max_connections) {
+            e->overflow++;
+            limit_refused(e, fd, &client, NULL, 0, LIMIT_MAX_CONNECTIONS,
+                          &e->overflow_refusing);
+            continue;
+        }
+        limit_admitted(e, 0, LIMIT_MAX_CONNECTIONS, &e->overflow_refusing);
         route_accepted(e, fd, &client, now);
     }
 }
@@ -1322,17 +1403,21 @@ static void accept_ready(consulate_relay_engine *e, double now)
 /* Accept on listen_fd (a bound, listening, non-blocking socket the caller keeps
  * owning) and route by the table of consulate_relay_set_routes; upstream sockets
  * carry mark, up to attempts candidates are tried per connection, and endpoints
- * are ejected by the outlier policy given. */
+ * are ejected by the outlier policy given. Over max_connections relayed at once,
+ * or max_pending of one service connecting, an accepted connection is reset
+ * (limit_refused; proxy/limits.py says why a reset rather than the backlog). */
 static int consulate_relay_listen(consulate_relay_engine *e, int listen_fd, uint32_t mark,
                                   int attempts, uint32_t mark_net, uint32_t mark_mask,
                                   int consecutive_failures, double base_ejection_time,
-                                  double max_ejection_time, int max_ejection_percent)
+                                  double max_ejection_time, int max_ejection_percent,
+                                  uint64_t max_connections, uint64_t max_pending)
 {
     struct epoll_event ev;
-    int rc = 0;
+    int rc = 0, one = 1;
     if (attempts < 1 || attempts > MAX_CANDIDATES || consecutive_failures < 1 ||
         !(base_ejection_time > 0) || !(max_ejection_time >= 0) ||
-        max_ejection_percent < 0 || max_ejection_percent > 100)
+        max_ejection_percent < 0 || max_ejection_percent > 100 || max_connections < 1 ||
+        max_pending < 1)
         return -EINVAL;
     pthread_mutex_lock(&e->lock);
     if (e->stopping) {
@@ -1343,7 +1428,12 @@ static int consulate_relay_listen(consulate_relay_engine *e, int listen_fd, uint
         memset(&ev, 0, sizeof(ev));
         ev.events = EPOLLIN; /* level-triggered: a batch may leave clients waiting */
         ev.data.ptr = &e->listen_side;
-        if (epoll_ctl(e->epfd, EPOLL_CTL_ADD, listen_fd, &ev) != 0) {
+        /* Without TCP_NODELAY, a response split over two writes waits for the
+         * client's delayed ACK (40 ms). Accepted sockets inherit it from the
+         * listener: set once here, not once per connection (the upstream
+         * sockets get it in start_attempt). */
+        if (setsockopt(listen_fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one)) != 0 ||
+            epoll_ctl(e->epfd, EPOLL_CTL_ADD, listen_fd, &ev) != 0) {
             rc = -errno;
         } else {
             e->listen_fd = listen_fd;
@@ -1355,6 +1445,8 @@ static int consulate_relay_listen(consulate_relay_engine *e, int listen_fd, uint
             e->outlier.base_ejection_time = base_ejection_time;
             e->outlier.max_ejection_time = max_ejection_time;
             e->outlier.max_ejection_percent = (uint32_t)max_ejection_percent;
+            e->max_connections = max_connections;
+            e->max_pending = max_pending;
         }
     }
     pthread_mutex_unlock(&e->lock);
@@ -1569,6 +1661,7 @@ static void consulate_relay_stats_get(consulate_relay_engine *e, consulate_relay
     out->pipes_open = e->pipes_open;
     out->accepted = e->accepted;
     out->unrouted = e->unrouted;
+    out->overflow = e->overflow;
     pthread_mutex_unlock(&e->lock);
 }
 

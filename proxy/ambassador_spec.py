@@ -117,7 +117,8 @@ def parse_kv_value(raw: bytes, where: str) -> RouteSpec:
 
 def _parse_target(spec: str, part: str) -> Target:
     host, sep, port = part.strip().rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not host or not (port.isascii() and port.isdigit()) or not (
+            0 < int(port) < 65536):
         raise BadSpec(f"backend spec {spec!r}: {part.strip()!r} is not host:port with a "
                       "port from 1 to 65535 (for example 10.0.0.5:6379)")
     _check_host(spec, host)
@@ -136,7 +137,10 @@ def _check_host(spec: str, host: str) -> None:
 
 
 def _parse_kv(spec: str) -> KvSpec:
-    parts = urlsplit(spec)
+    try:
+        parts = urlsplit(spec)
+    except ValueError as exc:  # an unclosed [ of an IPv6 address
+        raise BadSpec(f"backend spec {spec!r}: {exc}: use {FORMS}") from None
     if parts.scheme not in _KV_SCHEMES:
         raise BadSpec(f"backend spec {spec!r}: the scheme {parts.scheme + '://'!r} is "
                       "unknown: use consul:// or etcd://")
@@ -182,7 +186,7 @@ def container_rules(env: Iterable[str], labels: Mapping[str, str]) -> Rules:
     declared += [(f"label {name}", name.removeprefix(LABEL_PREFIX), value)
                  for name, value in sorted(labels.items()) if name.startswith(LABEL_PREFIX)]
     for origin, port, value in declared:
-        if not port.isdigit() or not 0 < int(port) < 65536:
+        if not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
             problems.append(f"{origin}: {port!r} is not a port from 1 to 65535 (write "
                             f"{ENV_PREFIX}6379=... or {LABEL_PREFIX}6379=...)")
             continue

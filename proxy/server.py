@@ -14,6 +14,7 @@ the client sends meanwhile waits in the relay, its reading paused).
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import ipaddress
 import logging
@@ -24,8 +25,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
-from consulate.native.model import EngineRoute, RelayResult
+from consulate.native.model import LIMITS, EngineRoute, RelayResult
 from consulate.proxy.balance import LB_NAMES
+from consulate.proxy.limits import (
+    MAX_CONNECTIONS,
+    MAX_PENDING_PER_SERVICE,
+    ConnectionLimits,
+    Episode,
+    LimitEpisodes,
+    cleared_line,
+    reached_line,
+)
 from consulate.proxy.origdst import original_dst
 from consulate.proxy.outlier import Ejection, OutlierPolicy
 from consulate.proxy.pool import ServicePool
@@ -41,6 +51,9 @@ log = logging.getLogger("consulate.proxy")
 DEFAULT_CONNECT_TIMEOUT = 2.0
 DEFAULT_ATTEMPTS = 3
 LISTEN_BACKLOG = 4096  # bursts of new connections wait in the kernel, not refused
+# The agent could not make a socket (descriptors or memory ran out): outlier
+# detection must not eject an endpoint for it (the native engine does the same).
+_LOCAL_SHORTAGES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 @dataclass
@@ -81,9 +94,13 @@ class TransparentProxy:
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         attempts: int = DEFAULT_ATTEMPTS,
         outlier: OutlierPolicy | None = None,
+        limits: ConnectionLimits | None = None,
     ) -> None:
         self.table = table
         self.stats = ProxyStats()
+        self.limits = limits if limits is not None else ConnectionLimits()
+        self._episodes = LimitEpisodes()  # the Python relay's (the engine keeps its own)
+        self._active = 0  # connections the Python relay admitted and has not closed
         self._outlier = outlier if outlier is not None else OutlierPolicy()
         self._pools: dict[str, ServicePool] = {}  # the Python relay's, by service
         self._return_timers: dict[str, asyncio.TimerHandle] = {}
@@ -124,9 +141,12 @@ class TransparentProxy:
             self._unsubscribe = self.table.subscribe(self._publish_routes)
             self._engine.listen(listener, mark=self._mark, attempts=self._attempts,
                                 marked_network=str(self.table.vip_network),
+                                max_connections=self.limits.max_connections,
+                                max_pending=self.limits.max_pending_per_service,
                                 **asdict(self._outlier))
-        log.info("event=listen component=proxy address=%s:%d relay=%s", host, port,
-                 self.relay_name)
+        log.info("event=listen component=proxy address=%s:%d relay=%s max_connections=%d "
+                 "max_pending_per_service=%d", host, port, self.relay_name,
+                 self.limits.max_connections, self.limits.max_pending_per_service)
 
     async def close(self) -> None:
         loop = asyncio.get_running_loop()
@@ -168,16 +188,55 @@ class TransparentProxy:
 
     def _route_client(self, client: RelaySide) -> None:
         assert isinstance(client, ClientSide) and client.transport is not None
+        limits = self.limits
+        if self._active >= limits.max_connections:
+            self.stats.overflow += 1
+            self._refuse(client.transport, MAX_CONNECTIONS, "", limits.max_connections)
+            return
+        self._limit_admitted(MAX_CONNECTIONS, "")
         route = self._route(client.transport)
         if route is None:
             return
         counters = route.counters
+        if counters.pending_active >= limits.max_pending_per_service:
+            counters.pending_overflow += 1
+            self._refuse(client.transport, MAX_PENDING_PER_SERVICE, route.service,
+                         limits.max_pending_per_service)
+            return
+        self._limit_admitted(MAX_PENDING_PER_SERVICE, route.service)
+        self._active += 1
         counters.connections_active += 1
+        counters.pending_active += 1
         client.on_bytes = counters.count_to_upstream
-        client.on_done = route.closed
+        client.on_done = functools.partial(self._closed, route)
         task = asyncio.get_running_loop().create_task(self._connect_and_join(client, route))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _closed(self, route: _Route) -> None:
+        self._active -= 1
+        route.closed()
+
+    def _refuse(self, transport: asyncio.Transport, limit: str, service: str,
+                value: int) -> None:
+        """Reset a connection over a limit; log only the first of an episode."""
+        reset(transport)
+        episode = self._episodes.refused(limit, service, value, time.monotonic())
+        if episode is not None:
+            self._log_limit_reached(episode)
+
+    def _limit_admitted(self, limit: str, service: str) -> None:
+        episode = self._episodes.admitted(limit, service)
+        if episode is not None:
+            self._log_limit_cleared(episode, time.monotonic())
+
+    @staticmethod
+    def _log_limit_reached(episode: Episode) -> None:
+        log.warning(reached_line(episode))
+
+    @staticmethod
+    def _log_limit_cleared(episode: Episode, now: float) -> None:
+        log.warning(cleared_line(episode, now))
 
     def _route(self, transport: asyncio.Transport) -> _Route | None:
         """Where this connection goes, or None after resetting it (logged, counted)."""
@@ -212,6 +271,12 @@ class TransparentProxy:
         return _Route(peer, service.name, counters, candidates, pool)
 
     async def _connect_and_join(self, client: RelaySide, route: _Route) -> None:
+        try:
+            await self._connect_candidates(client, route)
+        finally:
+            route.counters.pending_active -= 1
+
+    async def _connect_candidates(self, client: RelaySide, route: _Route) -> None:
         for endpoint in route.candidates:
             if client.closed:
                 return  # the client gave up meanwhile (its pair is already over)
@@ -248,6 +313,8 @@ class TransparentProxy:
             reason = "timeout" if isinstance(exc, TimeoutError) else exc.strerror or repr(exc)
             log.warning("event=connect-failed service=%s endpoint=%s address=%s:%d error=%r",
                         endpoint.service, endpoint.id, endpoint.address, endpoint.port, reason)
+            if isinstance(exc, OSError) and exc.errno in _LOCAL_SHORTAGES:
+                return False  # no socket to try with: not the endpoint's failure
             service = self.table.service(route.service)
             ejection = route.pool.failed(endpoint, service.tcp_endpoints if service else ())
             if ejection is not None:
@@ -320,7 +387,9 @@ class TransparentProxy:
         for name, counters in zip(names, self._engine.service_counters(len(names)),
                                   strict=False):
             self.stats.services[name] = ServiceCounters(**asdict(counters))
-        self.stats.unrouted = self._engine.stats().unrouted
+        engine_stats = self._engine.stats()
+        self.stats.unrouted = engine_stats.unrouted
+        self.stats.overflow = engine_stats.overflow
 
     def _engine_results(self) -> None:
         assert self._engine is not None
@@ -333,6 +402,27 @@ class TransparentProxy:
             if (endpoint.address, endpoint.port) == (address, port):
                 return endpoint.id
         return "?"
+
+    def _engine_limit_report(self, result: RelayResult, name: str) -> None:
+        """The engine reports an episode's first refusal and its end (with the count
+        of refusals): log them as the Python relay does, timed here."""
+        limit = LIMITS[result.error]
+        now = time.monotonic()
+        if limit == "descriptors":  # accepts paused after EMFILE/ENFILE, and resumed
+            log.warning("event=accept-resumed failures=%d", result.failures)
+            return
+        service = name if limit == MAX_PENDING_PER_SERVICE else ""
+        value = (self.limits.max_pending_per_service if service
+                 else self.limits.max_connections)
+        if result.reason == "limit-reached":
+            episode = self._episodes.refused(limit, service, value, now)
+            if episode is not None:
+                self._log_limit_reached(episode)
+            return
+        episode = self._episodes.admitted(limit, service)
+        if episode is not None:
+            episode.refused = result.failures
+            self._log_limit_cleared(episode, now)
 
     def _log_engine_reports(self, results: Sequence[RelayResult]) -> None:
         """Log what the engine refused or failed to connect, as the Python path does."""
@@ -347,8 +437,12 @@ class TransparentProxy:
             elif result.reason == "no-endpoints":
                 log.warning("event=reject client=%s:%d service=%s vip=%s reason=no-endpoints",
                             *client, name, vip)
-            elif result.reason == "accept-failed":
-                log.warning("event=accept-failed error=%r", os.strerror(result.error))
+            elif result.reason == "accept-failed":  # then paused, until an accept works
+                log.warning("event=accept-failed error=%r action=pause-accept",
+                            os.strerror(result.error))
+            elif result.reason in ("limit-reached", "limit-cleared"):
+                self._engine_limit_report(result, name)
+                continue
             elif result.reason == "ejected":
                 self._log_ejection(name, Ejection(result.candidates[0], result.failures,
                                                   result.ejections, result.ejection_time))

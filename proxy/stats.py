@@ -21,6 +21,10 @@ class ServiceCounters:
     # kernel; the rest were copied through user space (the Python relay copies all).
     bytes_spliced_to_upstream: int = 0
     bytes_spliced_to_client: int = 0
+    # Connect phase (proxy/limits.py): connecting to an endpoint now (Envoy's
+    # upstream_rq_pending_active), and refused over --max-pending-per-service.
+    pending_active: int = 0
+    pending_overflow: int = 0
 
     # Bound methods handed to the Python relay as per-chunk callbacks (hot path).
     def count_to_upstream(self, n: int) -> None:
@@ -34,11 +38,13 @@ class ServiceCounters:
 
 
 class ProxyStats:
-    """All counters of one proxy; ``unrouted`` counts connections to no known VIP."""
+    """All counters of one proxy; ``unrouted`` counts connections to no known VIP,
+    ``overflow`` those refused over --max-connections (Envoy's downstream_cx_overflow)."""
 
     def __init__(self) -> None:
         self.services: dict[str, ServiceCounters] = {}
         self.unrouted = 0
+        self.overflow = 0
 
     def of(self, service: str) -> ServiceCounters:
         counters = self.services.get(service)
@@ -49,5 +55,6 @@ class ProxyStats:
     def snapshot(self) -> dict[str, object]:
         return {
             "unrouted": self.unrouted,
+            "overflow": self.overflow,
             "services": {name: asdict(c) for name, c in sorted(self.services.items())},
         }

@@ -233,3 +233,24 @@ def test_omni_rule_refuses_a_bad_bridge_and_too_many_ports() -> None:
     assert str(caught.value) == (
         f"--ambassador: the agent listens on 16 ports ({ports},8500,10000,10001); iptables' "
         "multiport match keeps at most 15 out of omni mode: use fewer --dns-addr ports")
+
+
+# -- found by make fuzz -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("consul://[", "backend spec 'consul://[': Invalid IPv6 URL: use host:port[,host:port...], "
+     "a service name, consul://HOST:PORT/KEY or etcd://HOST:PORT[,HOST:PORT...]/KEY"),
+    ("10.0.0.5:²", "backend spec '10.0.0.5:²': '10.0.0.5:²' is not host:port with a port from "
+     "1 to 65535 (for example 10.0.0.5:6379)"),
+])
+def test_specs_that_crashed_are_refused(text: str, message: str) -> None:
+    with pytest.raises(BadSpec) as caught:
+        parse_spec(text)
+    assert str(caught.value) == message
+
+
+def test_a_label_port_of_other_digits_is_a_problem_not_a_crash() -> None:
+    assert container_rules([], {"connect.²": "redis"}) == Rules({}, (
+        "label connect.²: '²' is not a port from 1 to 65535 (write BACKEND_6379=... or "
+        "connect.6379=...)",))

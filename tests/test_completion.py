@@ -55,7 +55,9 @@ def test_every_subcommand_completes(script: Path) -> None:
 
 
 def test_flags_of_the_command_typed(script: Path) -> None:
-    assert complete(script, "status", "--") == ["--help", "--http-addr", "--json"]
+    assert complete(script, "status", "--") == ["--help", "--http-addr", "--token",
+                                                "--ca-file", "--client-cert",
+                                                "--client-key", "--json"]
     assert complete(script, "lab", "up", "--h") == ["--help", "--hosts"]
     assert complete(script, "--") == ["--help", "--version", "--log-level"]
 

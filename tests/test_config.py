@@ -89,6 +89,10 @@ def test_repeatable_flags_come_from_comma_separated_variables(
      "seconds"),
     (["--service-ttl", "web=2147483648"], "--service-ttl web 2147483648 must be from 0 to "
      "2147483647 seconds"),
+    # found by make fuzz: digits that str.isdigit() takes and int() refuses
+    (["--http-addr", "127.0.0.1:\u00b2"], "--http-addr '127.0.0.1:\u00b2' is not HOST:PORT"),
+    (["--service-ttl", "web=\u00b2"], "--service-ttl web '\u00b2' is not a number of whole "
+     "seconds"),
 ])
 def test_bad_values_name_the_flag(argv: list[str], message: str) -> None:
     with pytest.raises(ConfigError) as raised:
@@ -102,6 +106,7 @@ def test_bad_values_name_the_flag(argv: list[str], message: str) -> None:
     ("127.0.0.1:0", "--recursor '127.0.0.1:0' is not ADDR[:PORT]"),
     ("127.0.0.1:99999", "--recursor '127.0.0.1:99999' is not ADDR[:PORT]"),
     ("127.0.0.1:x", "--recursor '127.0.0.1:x' is not ADDR[:PORT]"),
+    ("127.0.0.1:\u2070", "--recursor '127.0.0.1:\u2070' is not ADDR[:PORT]"),
 ])
 def test_bad_recursors(text: str, message: str) -> None:
     with pytest.raises(ConfigError) as raised:

@@ -176,3 +176,27 @@ async def test_services_without_a_registry_is_503(client: Client) -> None:
                                {"server": {"$services": "web"}})
     assert (status, body) == (503, "$services 'web': this configurator has no registry "
                                    "(pass --registry)\n")
+
+
+# -- found by make fuzz -----------------------------------------------------------------
+
+
+async def test_documents_nested_too_deeply_are_400_and_change_nothing(client: Client,
+                                                                       setup: Setup) -> None:
+    """Past 64 levels of arrays and objects the body, or the document an edit would
+    make, is refused with a message (a RecursionError and a 500 before)."""
+    store_before, target_before = setup.store_path.read_bytes(), setup.target.read_bytes()
+    too_deep = "nests arrays and objects more than 64 levels deep: flatten it\n"
+    for depth in (65, 100_000):
+        raw = b"[" * depth + b"]" * depth
+        assert await _call(client, "PUT", "/v1/config/x", raw=raw) == (
+            400, "Bad request: the body " + too_deep)
+    assert await _call(client, "PUT", "/v1/config/" + "/".join(["k"] * 65), 1) == (
+        400, "Bad request: the document " + too_deep)
+    assert setup.store_path.read_bytes() == store_before
+    assert setup.target.read_bytes() == target_before
+
+
+async def test_a_template_index_of_other_digits_is_400(client: Client) -> None:
+    assert await _call(client, "GET", "/v1/render?template=፩") == (
+        400, "Bad request: template '፩': use 0 to 0\n")

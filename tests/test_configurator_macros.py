@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from consulate.control.configurator import macros
+from consulate.control.configurator.engine import InvalidConfig, Template, render_all
 from consulate.control.configurator.quiescence import BadWait, Quiescence, Wait, parse_wait
+from consulate.control.configurator.target import TargetFile
+from consulate.control.configurator.transformers import make_transformer
 
 WEB = [
     {"id": "w10", "name": "web", "address": "10.0.0.10", "port": 80, "tags": ["v2"]},
@@ -130,3 +134,43 @@ def test_quiescence_storm_renders_once_per_window() -> None:
             renders.append(now)
             q.fired()
     assert renders == [4.0, 5.99]
+
+
+# -- found by make fuzz -----------------------------------------------------------------
+
+
+def test_a_format_spec_that_does_not_fit_the_field_is_a_macro_error() -> None:
+    with pytest.raises(macros.MacroError) as caught:
+        _expand({"$services": "web", "format": "{tags:d}"})
+    assert str(caught.value) == ("$services 'web': format '{tags:d}': TypeError('unsupported "
+                                 "format string passed to list.__format__') (fields: address, "
+                                 "id, name, port, tags)")
+
+
+def _render_toml(document: Any, where: Path) -> str:
+    template = Template(make_transformer("toml"), TargetFile(where / "out.toml"), "")
+    [rendered] = render_all(document, [template], _sources(document))
+    return rendered.text
+
+
+def _lists(depth: int) -> Any:
+    nested: Any = []
+    for _ in range(depth - 1):
+        nested = [nested]
+    return nested
+
+
+def test_documents_nested_too_deeply_are_refused(tmp_path: Path) -> None:
+    """Macros and transformers recurse: past 64 levels a document is refused with a
+    message instead of running them out of stack (a 500 before)."""
+    assert _render_toml({"a": _lists(63)}, tmp_path) == "a = " + "[" * 63 + "]" * 63 + "\n"
+    with pytest.raises(InvalidConfig) as caught:
+        _render_toml({"a": _lists(64)}, tmp_path)
+    assert str(caught.value) == ("the document nests arrays and objects more than 64 levels "
+                                 "deep: flatten it")
+    chain: dict[str, Any] = {f"k{i}": {"$value": f"k{i + 1}"} for i in range(1500)}
+    chain["k1500"] = 1
+    with pytest.raises(InvalidConfig) as caught:
+        _render_toml(chain, tmp_path)
+    assert str(caught.value) == ("the document's macros expand to arrays and objects nested "
+                                 "too deeply (a long chain of $value?): flatten it")

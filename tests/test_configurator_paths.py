@@ -118,3 +118,20 @@ def test_test_op_compares_as_json() -> None:
         "a": 1}
     assert jsonpatch.json_equal({"x": [1, {"y": None}]}, {"x": [1, {"y": None}]})
     assert not jsonpatch.json_equal([1], [1, 2])
+
+
+# -- found by make fuzz -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("part", ["²", "𐹠", "٣"])
+def test_an_index_is_ascii_digits_only(part: str) -> None:
+    """str.isdigit() holds for superscripts and other scripts' digits, and int()
+    refuses some of them (a 500 before): an index is ASCII digits, as JSON Pointer's."""
+    with pytest.raises(paths.PathNotFound) as caught:
+        paths.get({"a": [1]}, ["a", part])
+    assert str(caught.value) == (f"'/a/{part}': {part!r} is not an index of this array of 1 "
+                                 "(use 0 to 0)")
+    with pytest.raises(jsonpatch.PatchError) as patch_caught:
+        jsonpatch.apply_patch({"a": [1]}, [{"op": "remove", "path": f"/a/{part}"}])
+    assert str(patch_caught.value) == (f"operation 0 (remove '/a/{part}'): {part!r} is not "
+                                       "an array index")

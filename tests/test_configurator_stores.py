@@ -202,3 +202,28 @@ async def test_etcd_watch_after_compaction_reads_the_key_again(etcd: EtcdProcess
     finally:
         await store.close()
     assert (found.document, found.version) == ({"n": 2}, latest.version)
+
+
+# -- found by make fuzz -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("uri", "message"), [
+    ("file://\x00", "store 'file://\\x00': a file name cannot hold a NUL character"),
+    ("consul://[", "store 'consul://[': Invalid IPv6 URL; use file://PATH, consulate://"
+     "HOST:PORT/PREFIX, consul://HOST:PORT/PREFIX or etcd://HOST:PORT[,HOST:PORT...]/PREFIX"),
+])
+def test_store_uris_that_crashed_are_refused(uri: str, message: str) -> None:
+    with pytest.raises(BadStoreUri) as caught:
+        open_store(uri)
+    assert str(caught.value) == message
+
+
+@pytest.mark.parametrize("depth", [65, 100_000])
+async def test_a_stored_document_nested_too_deeply_is_a_store_error(tmp_path: Path,
+                                                                    depth: int) -> None:
+    path = tmp_path / "doc.json"
+    path.write_bytes(b"[" * depth + b"]" * depth)
+    with pytest.raises(StoreError) as caught:
+        await open_store(f"file://{path}").load()
+    assert str(caught.value) == (f"file://{path} nests arrays and objects more than 64 "
+                                 "levels deep: flatten it")

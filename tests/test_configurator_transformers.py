@@ -98,3 +98,11 @@ def test_jinja_undefined_variable_is_an_error(tmp_path: Path) -> None:
     (tmp_path / "t.j2").write_text("{{ missing }}")
     with pytest.raises(TransformError, match=r"jinja2 template t\.j2: 'missing' is undefined"):
         make_transformer(f"jinja2:{tmp_path}/t.j2").render({})
+
+
+def test_a_toml_key_ending_in_a_line_break_is_quoted() -> None:
+    """Found by make fuzz: the bare-key pattern's $ also matched before a final
+    newline, so {"0\\n": []} rendered as a broken line."""
+    text = toml_out.render({"0\n": [], "a": {"b\n": 1}})
+    assert text == '"0\\n" = []\n\n[a]\n"b\\n" = 1\n'
+    assert tomllib.loads(text) == {"0\n": [], "a": {"b\n": 1}}

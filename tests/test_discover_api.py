@@ -154,3 +154,16 @@ async def test_an_id_of_another_service_is_a_conflict(api: Api) -> None:
     assert "belongs to service 'alpha'" in text
     held = await api.registry.get("i1")
     assert held is not None and (held.name, held.address) == ("alpha", "10.0.0.1")
+
+
+# -- found by make fuzz -----------------------------------------------------------------
+
+
+async def test_a_deep_body_and_a_port_of_other_digits_are_400(api: Api) -> None:
+    response = await api.client.put(f"{BASE}/web/instances/a",
+                                    data=b"[" * 100_000 + b"]" * 100_000)
+    assert (response.status, await response.text()) == (
+        400, "invalid JSON body: nested too deeply")
+    assert await put(api, "web", "a", {"addr": "10.0.0.5:⁰"}) == (
+        400, "addr '10.0.0.5:⁰' must be IP:PORT with a port from 1 to 65535")
+    assert (await api.registry.instances())[0] == []

@@ -114,3 +114,20 @@ def test_a_closed_engine_says_so(listener: socket.socket) -> None:
         closed.listen(listener)
     assert caught.value.errno == errno.ESHUTDOWN
     closed.unlisten()  # harmless, as close() is
+
+
+def test_accepted_sockets_inherit_nodelay_from_the_listener(
+    engine: SpliceEngine, listener: socket.socket
+) -> None:
+    """The engine sets TCP_NODELAY once on the listener instead of on every accepted
+    client (a syscall per connection less); the kernel copies it to each accept."""
+    assert listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0
+    engine.listen(listener)
+    engine.unlisten()  # accept here, to look at what the engine's accepts would get
+    assert listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    listener.setblocking(True)
+    with socket.create_connection(listener.getsockname()) as client:
+        accepted, _ = listener.accept()
+        with accepted:
+            assert accepted.getsockname() == client.getpeername()
+            assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0

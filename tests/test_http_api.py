@@ -429,3 +429,21 @@ async def test_catalog_nodes_lists_this_node_and_the_nodes_of_instances(api: Api
          "CreateIndex": 0, "ModifyIndex": 0},
     ]
     assert index == api.registry.index
+
+
+# -- found by make fuzz -----------------------------------------------------------------
+
+
+async def test_a_body_nested_too_deeply_is_400_and_stores_nothing(api: Api) -> None:
+    """json.loads runs out of stack on deep nesting: a RecursionError and a 500 before."""
+    raw = b"[" * 100_000 + b"]" * 100_000
+    for path in ("/v1/agent/service/register", "/v1/agent/check/update/service:db-1"):
+        assert await api.put(path, raw=raw) == (
+            400, "Request decode failed: the JSON body is nested too deeply")
+    assert (await api.registry.instances())[0] == []
+
+
+async def test_an_index_of_other_digits_is_400(api: Api) -> None:
+    async with api.client.get("/v1/catalog/services?index=⁰") as response:
+        assert (response.status, await response.text()) == (
+            400, "index '⁰' must be a non-negative integer")

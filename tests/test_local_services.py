@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
@@ -75,6 +76,41 @@ async def test_a_deregistration_elsewhere_is_not_undone(tmp_path: Path,
     assert json.loads((tmp_path / "services.json").read_text()) == []
     assert "event=forget id=web-1 service=web" in caplog.text
     await registry.close()
+
+
+class Restartable:
+    """A registry that can come back empty, as an etcd whose data was lost."""
+
+    def __init__(self, registry: EmbeddedRegistry) -> None:
+        self.current = registry
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.current, name)
+
+
+async def test_a_registry_back_without_its_data_gets_the_registration_again(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Lost while its lease was running, but the registry's index went back below the
+    registration's: nobody deregistered it, the registry lost it (regression: it was
+    forgotten as "deregistered elsewhere" when etcd came back empty within a TTL)."""
+    clock = Clock()
+    old = EmbeddedRegistry(tmp_path / "old.db")
+    for i in range(3):
+        await old.register(Instance(id=f"db-{i}", name="db", address="10.0.0.6", port=i + 1))
+    registry = Restartable(old)
+    local = LocalServices(registry, tmp_path / "services.json", ttl=10.0,  # type: ignore[arg-type]
+                          clock=clock)
+    local.added(await registry.register(local.owned(WEB)), local.now())
+    clock.now += 2.0  # the lease is still running
+    registry.current = EmbeddedRegistry(tmp_path / "new.db")
+    with caplog.at_level(logging.INFO, "consulate.local"):
+        await local.sync()
+    assert [i.id for i in (await registry.current.instances())[0]] == ["web-1"]
+    assert len(local) == 1
+    assert ("event=re-register id=web-1 service=web reason='the registry lost its data (its "
+            "index went back from 5 to 1)'") in caplog.text
+    await old.close()
+    await registry.current.close()
 
 
 async def test_a_slow_heartbeat_counts_from_when_it_was_sent(tmp_path: Path) -> None:
@@ -152,3 +188,33 @@ async def test_the_api_registers_owned_instances_and_forgets_deregistered_ones(
         assert await api.put("/v1/agent/service/deregister/web-1") == (200, "")
         assert len(context.local) == 0
     await registry.close()
+
+
+async def test_a_registration_while_the_registry_is_down_is_kept_and_synced_later(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """As a Consul agent with no server answering: the registration is accepted, kept
+    (services.json), and registered by the first heartbeat round that gets through."""
+    down = ConsulRegistry("127.0.0.1", 1)  # no Consul server here: port 1 refuses
+    registry = Restartable(down)  # type: ignore[arg-type]
+    context = make_context(registry)  # type: ignore[arg-type]
+    context.local = LocalServices(registry, tmp_path / "services.json",  # type: ignore[arg-type]
+                                  ttl=7.0)
+    with caplog.at_level(logging.INFO):
+        async with TestClient(TestServer(build_app(context))) as client:
+            response = await client.put("/v1/agent/service/register",
+                                        json={"ID": "web-1", "Name": "web", "Port": 80})
+            assert (response.status, await response.text()) == (200, "")
+        assert [entry["id"] for entry in json.loads(
+            (tmp_path / "services.json").read_text())] == ["web-1"]
+        assert ("event=register-deferred id=web-1 service=web error=consul agent at "
+                "127.0.0.1:1 is not answering") in caplog.text
+        await context.local.sync()  # still down: kept
+        assert len(context.local) == 1
+        registry.current = EmbeddedRegistry(tmp_path / "registry.db")
+        await context.local.sync()
+    stored = await registry.current.get("web-1")
+    assert stored is not None and (stored.name, stored.port, stored.ttl) == ("web", 80, 7.0)
+    assert ("event=re-register id=web-1 service=web reason='registered through this agent "
+            "while the registry was unavailable'") in caplog.text
+    await down.close()
+    await registry.current.close()

@@ -156,7 +156,7 @@ def test_counters_count_every_byte_and_connection(
         "connections_total": 3, "connections_active": 0, "connect_failures": 0,
         "rejected": 0, "bytes_to_upstream": 3 * 100_000,
         "bytes_to_client": 3 * (len("tally-1\n") + 100_000 + trailer),
-        "ejections": 0, "ejections_active": 0,
+        "ejections": 0, "ejections_active": 0, "pending_active": 0, "pending_overflow": 0,
     }
     # The engine splices what it can of 100 kB streams; the Python relay copies all.
     if agent.api("GET", "/v1/agent/self")["Stats"]["relay"]["engine"] == "python":

@@ -309,3 +309,11 @@ def test_split_tags(text: str, tags: list[str]) -> None:
 ])
 def test_own_ids_have_registrators_shape_and_this_hostname(service_id: str, own: bool) -> None:
     assert is_own_id(service_id, "hostname") is own
+
+
+def test_an_exposed_port_of_other_digits_reads_as_atoi_does() -> None:
+    """Found by make fuzz: '²' passes str.isdigit() but not int() (derive raised);
+    Go's Atoi, which registrator uses, reads it as 0, and so it sorts first."""
+    c = container(publish={"80/tcp": bound("8080"), "²/tcp": bound("8081")})
+    assert [(s["ID"], s["Port"]) for s in services(c)] == [
+        ("hostname:redis.0:²", 8081), ("hostname:redis.0:80", 8080)]

@@ -32,3 +32,19 @@ def test_good_locations(text: str, expected: RegistryLocation) -> None:
 def test_bad_locations_say_what_to_write(text: str, message: str) -> None:
     with pytest.raises(BadLocation, match=message):
         parse_location(text)
+
+
+# -- found by make fuzz -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("consul://[", "--registry 'consul://[': Invalid IPv6 URL; use embedded, etcd://HOST:PORT"
+     "[,HOST:PORT...][/PREFIX], consul://HOST:PORT, http://HOST:PORT or https://HOST:PORT "
+     "(another agent)"),
+    ("etcd://127.0.0.1:²", "--registry 'etcd://127.0.0.1:²': '127.0.0.1:²' is not HOST:PORT "
+     "(for example 127.0.0.1:2379)"),
+])
+def test_locations_that_crashed_are_refused(text: str, message: str) -> None:
+    with pytest.raises(BadLocation) as caught:
+        parse_location(text)
+    assert str(caught.value) == message

@@ -361,3 +361,10 @@ def test_catalog_entry_copies_meta() -> None:
     entry = catalog_entry(instance, node_address="192.0.2.10", datacenter="dc1")
     entry["ServiceMeta"]["k"] = "changed"
     assert instance.meta == {"k": "v"}
+
+
+def test_a_tcp_check_port_of_other_digits_is_refused() -> None:
+    """Found by make fuzz: '²' passes str.isdigit() but not int()."""
+    assert rejection({"Name": "web", "Port": 80, "Check": {"TCP": "10.0.0.5:²",
+                                                           "Interval": "5s"}}) == (
+        "check TCP '10.0.0.5:²' must be host:port")

@@ -34,11 +34,12 @@ from consulate.control.configurator.engine import (
     InvalidConfig,
     ReloadFailed,
 )
-from consulate.control.configurator.stores import StoreError
+from consulate.control.configurator.stores import TOO_DEEP, StoreError, too_deep
 
 log = logging.getLogger("consulate.configurator")
 
 _CONFIGURATOR = web.AppKey("configurator", Configurator)
+_TOO_DEEP_BODY = f"Bad request: the body {TOO_DEEP}: flatten it\n"
 
 
 def _path(request: web.Request) -> list[str]:
@@ -64,9 +65,14 @@ async def _body(request: web.Request, *, required: bool = True) -> Any:
             raise web.HTTPBadRequest(text="Bad request: the body is empty; send a JSON value\n")
         return None
     try:
-        return json.loads(raw)
+        document = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise web.HTTPBadRequest(text=f"Bad request: the body is not JSON ({exc})\n") from None
+    except RecursionError:  # deeper than the JSON parser itself goes
+        raise web.HTTPBadRequest(text=_TOO_DEEP_BODY) from None
+    if too_deep(document):
+        raise web.HTTPBadRequest(text=_TOO_DEEP_BODY)
+    return document
 
 
 async def _edit(request: web.Request, change: Callable[[Any], Any]) -> Any:
@@ -130,7 +136,7 @@ async def patch_config(request: web.Request) -> web.Response:
 
 def _template_index(request: web.Request, count: int) -> int:
     text = request.query.get("template", "0")
-    if not text.isdigit() or int(text) >= count:
+    if not (text.isascii() and text.isdigit()) or int(text) >= count:
         raise web.HTTPBadRequest(text=f"Bad request: template {text!r}: use 0 to {count - 1}\n")
     return int(text)
 

@@ -23,7 +23,14 @@ from typing import Any
 from consulate.control.configurator import macros
 from consulate.control.configurator.quiescence import Quiescence, Wait
 from consulate.control.configurator.services import ServiceFollower
-from consulate.control.configurator.stores import Conflict, Snapshot, Store, StoreError
+from consulate.control.configurator.stores import (
+    TOO_DEEP,
+    Conflict,
+    Snapshot,
+    Store,
+    StoreError,
+    too_deep,
+)
 from consulate.control.configurator.target import (
     TargetFile,
     check_command,
@@ -88,11 +95,16 @@ def render_all(document: Any, templates: Sequence[Template], sources: macros.Sou
         Rendered]:
     """Expand the macros once, then run every template's transformer (no I/O but
     what the sources read)."""
+    if too_deep(document):
+        raise InvalidConfig(f"the document {TOO_DEEP}: flatten it")
     try:
         expanded = macros.expand(document, sources)
         return [Rendered(t, t.transformer.render(expanded)) for t in templates]
     except (macros.MacroError, TransformError) as exc:
         raise InvalidConfig(str(exc)) from None
+    except RecursionError:  # $value macros that splice deep values into deep places
+        raise InvalidConfig("the document's macros expand to arrays and objects nested "
+                            "too deeply (a long chain of $value?): flatten it") from None
     except (macros.NoInstances, macros.ServicesUnavailable) as exc:
         raise CannotRender(str(exc)) from None
 

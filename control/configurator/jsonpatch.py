@@ -51,7 +51,7 @@ def _array_index(array: list[Any], token: str, *, for_add: bool) -> int:
     if for_add and token == "-":
         return len(array)
     # RFC 6901 4: decimal digits, no leading zeros
-    if not token.isdigit() or (len(token) > 1 and token[0] == "0"):
+    if not (token.isascii() and token.isdigit()) or (len(token) > 1 and token[0] == "0"):
         raise PatchError(f"{token!r} is not an array index")
     index = int(token)
     if index > len(array) or (index == len(array) and not for_add):

@@ -174,6 +174,6 @@ def _services(service: Any, node: dict[str, Any], sources: Sources) -> Any:
     checked_format(pattern)
     try:
         return [pattern.format_map(i) for i in found]
-    except (KeyError, IndexError, ValueError) as exc:
+    except (KeyError, IndexError, ValueError, TypeError) as exc:  # TypeError: {tags:d}
         raise MacroError(f"$services {service!r}: format {pattern!r}: {exc!r} (fields: "
                          f"{', '.join(sorted(found[0]))})") from None

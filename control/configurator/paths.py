@@ -54,7 +54,7 @@ def _child(node: Any, part: str, path: JsonPath) -> Any:
 def _index(node: list[Any], part: str, path: JsonPath, *,
            allow_end: bool = False) -> int:
     limit = len(node) + (1 if allow_end else 0)
-    if not part.isdigit() or int(part) >= limit:
+    if not (part.isascii() and part.isdigit()) or int(part) >= limit:
         raise PathNotFound(f"{show(path)!r}: {part!r} is not an index of this array of "
                            f"{len(node)} (use 0 to {limit - 1})")
     return int(part)

@@ -29,7 +29,7 @@ def _endpoints(text: str, netloc: str, several: bool) -> list[tuple[str, int]]:
     found = []
     for member in members:
         host, sep, port = member.rpartition(":")
-        if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        if not sep or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
             raise BadStoreUri(f"store {text!r}: {member!r} is not HOST:PORT")
         try:
             ipaddress.IPv4Address(host)
@@ -42,13 +42,18 @@ def _endpoints(text: str, netloc: str, several: bool) -> list[tuple[str, int]]:
 def open_store(text: str) -> Store:
     if text.startswith("file://"):
         path = Path(text.removeprefix("file://"))
+        if "\x00" in text:
+            raise BadStoreUri(f"store {text!r}: a file name cannot hold a NUL character")
         if not text.removeprefix("file://") or path.is_dir():
             raise BadStoreUri(f"store {text!r}: name a JSON file, such as file://nginx.json")
         if not path.absolute().parent.is_dir():
             raise BadStoreUri(f"store {text!r}: the directory {str(path.absolute().parent)!r} "
                               "does not exist: create it first")
         return FileStore(path)
-    parts = urlsplit(text)
+    try:
+        parts = urlsplit(text)
+    except ValueError as exc:  # an unclosed [ of an IPv6 address
+        raise BadStoreUri(f"store {text!r}: {exc}; use {USAGE}") from None
     prefix = parts.path.strip("/")
     if parts.scheme not in ("consulate", "consul", "etcd") or not parts.netloc:
         raise BadStoreUri(f"store {text!r} is unknown: use {USAGE}")

@@ -50,11 +50,35 @@ class Store(Protocol):
     async def close(self) -> None: ...
 
 
+MAX_DEPTH = 64  # arrays and objects inside each other; nginx's deepest block is ~6
+TOO_DEEP = f"nests arrays and objects more than {MAX_DEPTH} levels deep"
+
+
+def too_deep(document: Any) -> bool:
+    """Whether ``document`` nests more than MAX_DEPTH arrays and objects. Macros and
+    transformers walk a document recursively: one from a client or a store must
+    be refused with a message before it runs them out of stack (a 500)."""
+    stack = [(document, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict | list):
+            if depth >= MAX_DEPTH:
+                return True
+            stack.extend((child, depth + 1)
+                         for child in (node.values() if isinstance(node, dict) else node))
+    return False
+
+
 def parse_document(raw: bytes, where: str) -> Any:
     try:
-        return json.loads(raw) if raw.strip() else {}
+        document = json.loads(raw) if raw.strip() else {}
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise StoreError(f"{where} does not hold JSON ({exc}): fix or remove it") from None
+    except RecursionError:  # deeper than the JSON parser itself goes
+        raise StoreError(f"{where} {TOO_DEEP}: flatten it") from None
+    if too_deep(document):
+        raise StoreError(f"{where} {TOO_DEEP}: flatten it")
+    return document
 
 
 def pretty(document: Any) -> bytes:

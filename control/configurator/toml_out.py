@@ -32,7 +32,7 @@ def _string(text: str) -> str:
 
 
 def _key(key: str) -> str:
-    return key if _BARE.match(key) else _string(key)
+    return key if _BARE.fullmatch(key) else _string(key)  # $ alone lets a final \n by
 
 
 def _value(value: Any, where: str) -> str:

@@ -2,7 +2,8 @@
 
 It starts when a Docker socket is there (``--docker-host``, else DOCKER_HOST,
 else the local socket) unless ``--no-registrator``, registers through the
-``consulate://`` adapter into the agent's own API, and never gives up: it waits
+``consulate://`` adapter into the agent's own API (over https, pinned to the
+agent's own certificate, when it serves TLS), and never gives up: it waits
 for dockerd as long as it takes and reconnects whenever dockerd restarts.
 Because the agent owns this host's registrations, ``-cleanup`` and a resync
 every 30 s are on by default, and ports bound to 0.0.0.0 get the agent's
@@ -22,8 +23,10 @@ from typing import Any
 
 from consulate.control.config import AgentConfig, ConfigError
 from consulate.control.registrator import flags
-from consulate.control.registrator.adapters import Adapter, open_adapter
+from consulate.control.registrator.adapters import Adapter
+from consulate.control.registrator.adapters.consul import ConsulateAdapter
 from consulate.control.registrator.adapters.consul_http import TOKEN_VARIABLE
+from consulate.control.registrator.adapters.consul_tls import own_agent_https
 from consulate.control.registrator.docker_source import DockerSource, docker_host
 from consulate.control.registrator.runner import StartupError, run
 
@@ -42,10 +45,13 @@ def agent_options(config: AgentConfig) -> flags.Options:
     except (flags.UsageError, flags.InvalidOptions, ValueError) as exc:
         raise ConfigError(f"--registrator-flags {config.registrator_flags!r}: {exc} "
                           "(see `consulate registrator -h`)") from None
+    return replace(options, uri="consulate://{}:{}".format(*own_api_address(config)))
+
+
+def own_api_address(config: AgentConfig) -> tuple[str, int]:
+    """Where this agent's API answers its own registrator (loopback for 0.0.0.0)."""
     http_host, http_port = config.http_addr
-    if http_host == "0.0.0.0":
-        http_host = "127.0.0.1"
-    return replace(options, uri=f"consulate://{http_host}:{http_port}")
+    return ("127.0.0.1" if http_host == "0.0.0.0" else http_host), http_port
 
 
 def no_docker_reason(host: str) -> str | None:
@@ -82,7 +88,12 @@ class AgentRegistrator:
             return None
         if self.config.token:  # it writes into this agent's API, which wants the token
             os.environ[TOKEN_VARIABLE] = self.config.token
-        adapter = open_adapter(self.options.uri, self.config.node)
+        # The agent's TLS files were loaded (and checked) when it built its API's context.
+        https = (own_agent_https(self.config.tls_cert, self.config.tls_key,
+                                 client_cert=bool(self.config.tls_ca))
+                 if self.config.tls_cert else None)
+        adapter = ConsulateAdapter(self.options.uri, self.config.node,
+                                   *own_api_address(self.config), https)
         log.info("event=registrator state=on docker=%s registry=%s", host, self.options.uri)
         docker = DockerSource(host)
         return lambda: _serve(self.options, self.config.node, docker, adapter)

@@ -20,6 +20,7 @@ from consulate.control.registrator import flags
 from consulate.control.registrator.adapters import RegistryUriError, open_adapter
 from consulate.control.registrator.docker_source import DockerSource, docker_host
 from consulate.control.registrator.runner import StartupError, run
+from consulate.control.tls import TlsError
 
 log = logging.getLogger("consulate.registrator")
 
@@ -51,7 +52,7 @@ def _cmd_registrator(args: argparse.Namespace) -> int:
     try:
         options.validate()
         adapter = open_adapter(options.uri, socket.gethostname())
-    except flags.InvalidOptions as exc:
+    except (flags.InvalidOptions, TlsError) as exc:  # TlsError: a CONSUL_* TLS variable
         print(f"consulate: error: {exc}", file=sys.stderr)
         return 1
     except RegistryUriError as exc:

@@ -152,7 +152,7 @@ def _split_port(key: str) -> tuple[str, str]:
 
 def _as_int(text: str) -> int:
     """Go's Atoi as registrator uses it: 0 for anything that is not a number."""
-    return int(text) if text.isdigit() else 0
+    return int(text) if text.isascii() and text.isdigit() else 0
 
 
 def _container_ip(settings: Mapping[str, Any]) -> str:

@@ -100,7 +100,11 @@ def usage() -> str:
     lines += ["", "Registry URIs: consulate://HOST:PORT, consul://HOST:PORT, "
               "consulkv://HOST:PORT/PREFIX,",
               "  etcd://HOST:PORT/PREFIX, skydns2://HOST:PORT/DOMAIN, "
-              "zookeeper://HOST:PORT/PREFIX",
+              "zookeeper://HOST:PORT/PREFIX,",
+              "  consul-tls://HOST:PORT (https; or CONSUL_HTTP_SSL=true for the consul ones)",
+              "Consul TLS: CONSUL_CACERT, CONSUL_CLIENT_CERT, CONSUL_CLIENT_KEY, "
+              "CONSUL_TLS_SERVER_NAME,",
+              "  CONSUL_HTTP_SSL_VERIFY; token: CONSUL_HTTP_TOKEN",
               "Docker: DOCKER_HOST (default unix:///var/run/docker.sock)",
               "",
               "Example:",

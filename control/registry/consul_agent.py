@@ -5,7 +5,8 @@ through the agent with their health checks (a liveness TTL is a TTL check
 ``liveness:<id>`` that a heartbeat passes; once it goes critical the instance
 counts as gone), reads come from the health endpoint (so checks' results come
 along), KV is Consul's KV with its check-and-set, and the index is Consul's
-X-Consul-Index. The client is py-consul's asyncio one.
+X-Consul-Index. The client is py-consul's asyncio one, over http or, for an
+``https://`` agent, TLS with ``--ca-file`` and ``--client-cert/--client-key``.
 
 Consul has no change stream: ``watch`` long-polls the catalog (a blocking query
 on the service list, which moves on every catalog write) and emits the
@@ -17,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import warnings
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
@@ -34,6 +36,7 @@ from consulate.control.registry.model import (
     UnknownInstance,
     changes_between,
 )
+from consulate.control.tls import client_context
 
 log = logging.getLogger("consulate.registry.consul")
 
@@ -78,14 +81,22 @@ def _instance(entry: dict[str, Any]) -> Instance:
 class ConsulRegistry:
     """RegistryBackend on a Consul agent's HTTP API."""
 
-    def __init__(self, host: str, port: int = 8500, *, token: str = "") -> None:
+    def __init__(self, host: str, port: int = 8500, *, token: str = "", https: bool = False,
+                 ca_file: str = "", client_cert: str = "", client_key: str = "") -> None:
+        """``https``: TLS, the agent's certificate checked against ``ca_file`` (the
+        system's CAs without one), presenting ``client_cert`` when given."""
+        self._https = https
         self._where = f"{host}:{port}"
+        if https:  # the files checked here, with errors naming the flags (TlsError)
+            client_context(ca_file, client_cert, client_key)
         with warnings.catch_warnings():
             # py-consul's asyncio client still hands aiohttp its deprecated
-            # verify_ssl/ssl_context arguments; nothing of TLS is used here.
+            # verify_ssl/ssl_context arguments (it builds its context from the paths).
             warnings.filterwarnings("ignore", "(verify_ssl|ssl_context) is deprecated",
                                     DeprecationWarning)
-            self._consul = consul.aio.Consul(host=host, port=port, token=token or None)
+            self._consul = consul.aio.Consul(
+                host=host, port=port, token=token or None, scheme="https" if https else "http",
+                verify=ca_file or True, cert=(client_cert, client_key) if client_cert else None)
         self._index = 0
 
     def start(self) -> None:
@@ -95,10 +106,24 @@ class ConsulRegistry:
         try:
             return await call
         except (aiohttp.ClientError, OSError, consul.Timeout) as exc:
-            raise RegistryUnavailable(
-                f"consul agent at {self._where} is not answering ({what}: "
-                f"{exc or type(exc).__name__}): start it, or pass --registry embedded"
-            ) from None
+            raise RegistryUnavailable(self._failure(what, exc)) from None
+
+    def _failure(self, what: str, exc: BaseException) -> str:
+        """Why the agent could not be reached, and what to do about it."""
+        reason = f"{what}: {exc or type(exc).__name__}"
+        # An agent that refuses our client certificate may just hang up.
+        hung_up = isinstance(exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
+                             ) and not isinstance(exc, aiohttp.ClientConnectorError)
+        if self._https and (isinstance(exc, (aiohttp.ClientSSLError, ssl.SSLError)) or hung_up):
+            return (f"TLS with the agent at https://{self._where} failed ({reason}): pass "
+                    "--ca-file with the CA that signed its certificate, and --client-cert and "
+                    "--client-key if it verifies clients (--tls-ca)")
+        if hung_up:
+            return (f"the agent at http://{self._where} closed the connection without an "
+                    f"answer ({reason}): if it serves TLS (--tls-cert), use an https:// "
+                    "address")
+        return (f"consul agent at {self._where} is not answering ({reason}): start it, or "
+                "pass --registry embedded")
 
     def _saw(self, index: Any) -> int:
         if index is not None:

@@ -10,3 +10,10 @@ runs and restarts its allocations), ``runtime`` (nodes and the elected leader ov
 the registry and duplex), ``host`` (the pieces of one agent), ``operations``,
 ``api`` and ``cli`` (Nomad's HTTP paths and commands).
 """
+
+import os
+
+# The scheduler's arrays are small (nodes x resources): a BLAS thread pool buys
+# nothing, and a thread started at import would keep the capabilities the agent
+# drops before it starts (control/privileges.py would then have to re-execute it).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")

@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from consulate.control.client import AgentClient
+from consulate.control.client import AgentClient, client_for
 from consulate.control.scheduler.explain import render as render_explanation
 from consulate.control.scheduler.explain import text_table
 from consulate.control.scheduler.service import SUMMARY_COLUMNS
@@ -56,7 +56,7 @@ def add_scheduler_parsers(sub: Any, add_http_flag: Callable[[argparse.ArgumentPa
 
 
 def _client(args: argparse.Namespace) -> AgentClient:
-    return AgentClient(args.http_addr)
+    return client_for(args)
 
 
 def _read(path: str) -> bytes:

@@ -1,27 +1,25 @@
-"""Fuzzing of every parser that takes outside input (``make fuzz``, not ``make test``).
+"""Fuzzing of the pure parsers of outside input (``make fuzz``, not ``make test``;
+README.md lists the other targets).
 
 Each target feeds hypothesis-generated and mutated inputs, starting from the seed
 corpus in ``corpus/``, and checks the parser's contract: it returns, or it raises
 the one error type that carries a message for the user; never anything else, and
 never a changed input. The number of examples per target is ``FUZZ_EXAMPLES``
-(2,000 by default), which bounds the run (about a minute in all). A crash found
-here becomes a regression test next to the parser's unit tests, with the input
-hypothesis printed.
+(2,000 by default), which bounds the run. A crash found here becomes a regression
+test next to the parser's unit tests, with the input hypothesis printed.
 """
 
 from __future__ import annotations
 
 import copy
-import json
-import os
 import random
-from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
-from hypothesis import HealthCheck, given, settings
+from fuzzing import FUZZ, corpus, digit_text, json_values, mutated_text
+from hypothesis import given
 from hypothesis import strategies as st
 
 from consulate.control.blocking import blocking_query
@@ -32,34 +30,6 @@ from consulate.control.registrator.derive import service_metadata, split_tags
 from consulate.control.service_definition import InvalidDefinition, parse_registration
 
 pytestmark = pytest.mark.fuzz
-
-CORPUS = Path(__file__).with_name("corpus")
-FUZZ = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "2000")), deadline=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-
-
-def corpus(name: str) -> list[Any]:
-    loaded: list[Any] = json.loads((CORPUS / f"{name}.json").read_text())
-    return loaded
-
-
-json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False)
-    | st.text(max_size=40),
-    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=12), inner,
-                                                                max_size=5),
-    max_leaves=30)
-
-
-def mutated_text(seeds: list[str]) -> st.SearchStrategy[str]:
-    """A seed with a slice replaced by random text, or random text alone."""
-    @st.composite
-    def mutate(draw: st.DrawFn) -> str:
-        seed = draw(st.sampled_from(seeds))
-        start = draw(st.integers(0, len(seed)))
-        end = draw(st.integers(start, len(seed)))
-        return seed[:start] + draw(st.text(max_size=12)) + seed[end:]
-    return mutate() | st.text(max_size=80)
 
 
 # -- DNS packets (the responder) ----------------------------------------------------------
@@ -156,7 +126,8 @@ def test_service_attributes(env: list[str], labels: dict[str, str], port: str) -
                      {"op": st.sampled_from(["add", "remove", "replace", "move", "copy",
                                              "test", "nope"]),
                       "path": st.sampled_from(["", "/", "/port", "/upstreams/0",
-                                               "/upstreams/-", "/a/b", "/~", "/upstreams/9"])},
+                                               "/upstreams/-", "/a/b", "/~", "/upstreams/9"])
+                      | digit_text.map(lambda index: "/upstreams/" + index)},
                      optional={"value": json_values,
                                "from": st.sampled_from(["/port", "/upstreams", "/x"])}),
                      max_size=4)))

@@ -1,16 +1,24 @@
 """Registry adapters, chosen by the registry URI's scheme (registrator's backends).
 
 Each adapter module is imported only when its scheme is used, so that running
-against Consul never loads gRPC (etcd) or kazoo (ZooKeeper).
+against Consul never loads gRPC (etcd) or kazoo (ZooKeeper). The Consul-API
+schemes speak https with registrator's ``consul-tls://`` or Consul's
+CONSUL_HTTP_SSL=true, and take the rest of Consul's TLS variables
+(:mod:`consul_tls`).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from consulate.control.registrator.adapters.base import Adapter, AdapterError
+
+if TYPE_CHECKING:
+    from consulate.control.registrator.adapters.consul_tls import HttpsSettings
 
 
 class RegistryUriError(ValueError):
@@ -25,22 +33,29 @@ class RegistryUri:
     path: str
 
 
+def _https(where: RegistryUri) -> HttpsSettings | None:
+    """https for ``consul-tls://`` or with CONSUL_HTTP_SSL=true (Consul's variables)."""
+    from consulate.control.registrator.adapters.consul_tls import https_from_environment
+
+    return https_from_environment(where.scheme.endswith("-tls"), os.environ)
+
+
 def _consulate(uri: str, hostname: str, where: RegistryUri) -> Adapter:
     from consulate.control.registrator.adapters.consul import ConsulateAdapter
 
-    return ConsulateAdapter(uri, hostname, where.host, where.port)
+    return ConsulateAdapter(uri, hostname, where.host, where.port, _https(where))
 
 
 def _consul(uri: str, hostname: str, where: RegistryUri) -> Adapter:
     from consulate.control.registrator.adapters.consul import ConsulAdapter
 
-    return ConsulAdapter(uri, hostname, where.host, where.port)
+    return ConsulAdapter(uri, hostname, where.host, where.port, _https(where))
 
 
 def _consulkv(uri: str, hostname: str, where: RegistryUri) -> Adapter:
     from consulate.control.registrator.adapters.consulkv import ConsulKvAdapter
 
-    return ConsulKvAdapter(uri, hostname, where.host, where.port, where.path)
+    return ConsulKvAdapter(uri, hostname, where.host, where.port, where.path, _https(where))
 
 
 def _etcd(uri: str, hostname: str, where: RegistryUri) -> Adapter:
@@ -68,6 +83,7 @@ def _zookeeper(uri: str, hostname: str, where: RegistryUri) -> Adapter:
 _SCHEMES: dict[str, tuple[int, Callable[[str, str, RegistryUri], Adapter]]] = {
     "consulate": (8500, _consulate),
     "consul": (8500, _consul),
+    "consul-tls": (8500, _consul),  # registrator's name for Consul over https
     "consulkv": (8500, _consulkv),
     "etcd": (2379, _etcd),
     "skydns2": (2379, _skydns2),

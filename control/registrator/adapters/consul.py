@@ -15,6 +15,7 @@ import logging
 
 from consulate.control.registrator.adapters.base import Adapter
 from consulate.control.registrator.adapters.consul_http import ConsulHttp
+from consulate.control.registrator.adapters.consul_tls import HttpsSettings
 from consulate.control.registrator.checks import consul_meta, consul_registration
 from consulate.control.registrator.model import Service, is_own_id
 from consulate.control.registry.consul_agent import liveness_check_id
@@ -28,9 +29,10 @@ class ConsulAdapter(Adapter):
     store = "Consul"
     scheme = "consul"
 
-    def __init__(self, uri: str, hostname: str, host: str, port: int) -> None:
+    def __init__(self, uri: str, hostname: str, host: str, port: int,
+                 https: HttpsSettings | None = None) -> None:
         super().__init__(uri, hostname)
-        self.http = ConsulHttp(self.store, host, port)
+        self.http = ConsulHttp(self.store, host, port, https)
         self._warned: set[str] = set()  # services whose refused attributes were logged
 
     async def ping(self) -> None:

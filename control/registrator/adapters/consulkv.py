@@ -6,15 +6,17 @@ from __future__ import annotations
 
 from consulate.control.registrator.adapters.base import Adapter
 from consulate.control.registrator.adapters.consul_http import ConsulHttp
+from consulate.control.registrator.adapters.consul_tls import HttpsSettings
 from consulate.control.registrator.model import Service, is_own_id
 
 
 class ConsulKvAdapter(Adapter):
     """Keys are KV paths (Consul KV paths have no leading slash)."""
 
-    def __init__(self, uri: str, hostname: str, host: str, port: int, prefix: str) -> None:
+    def __init__(self, uri: str, hostname: str, host: str, port: int, prefix: str,
+                 https: HttpsSettings | None = None) -> None:
         super().__init__(uri, hostname)
-        self.http = ConsulHttp("Consul", host, port)
+        self.http = ConsulHttp("Consul", host, port, https)
         self.prefix = prefix.strip("/")
 
     def key(self, service: Service) -> str:
