@@ -26,7 +26,7 @@ BENCH_ARGS ?=
 APT_PACKAGES := iptables iproute2 dnsutils busybox-static wget util-linux procps \
 	libnetfilter-queue-dev conntrack libffi-dev build-essential python3-dev python3-venv \
 	iperf3 wrk haproxy socat nginx-light etcd-server etcd-client docker.io zookeeper \
-	chromium chromium-driver
+	chromium chromium-driver openssl
 
 # Debian packages of the DNS benchmark alone, installed by its own stamp so that
 # `make test` never waits for them. dnsmasq-base has no init script; unbound's
