@@ -271,22 +271,20 @@ class TransparentProxy:
         return _Route(peer, service.name, counters, candidates, pool)
 
     async def _connect_and_join(self, client: RelaySide, route: _Route) -> None:
+        """Try the candidates in turn; the connection is pending until this returns."""
         try:
-            await self._connect_candidates(client, route)
+            for endpoint in route.candidates:
+                if client.closed:
+                    return  # the client gave up meanwhile (its pair is already over)
+                if await self._try_endpoint(client, endpoint, route):
+                    return
+            route.counters.rejected += 1
+            log.warning("event=reject client=%s:%d service=%s reason=all-attempts-failed "
+                        "attempts=%d", *route.peer, route.service, len(route.candidates))
+            assert client.transport is not None
+            reset(client.transport)
         finally:
             route.counters.pending_active -= 1
-
-    async def _connect_candidates(self, client: RelaySide, route: _Route) -> None:
-        for endpoint in route.candidates:
-            if client.closed:
-                return  # the client gave up meanwhile (its pair is already over)
-            if await self._try_endpoint(client, endpoint, route):
-                return
-        route.counters.rejected += 1
-        log.warning("event=reject client=%s:%d service=%s reason=all-attempts-failed "
-                    "attempts=%d", *route.peer, route.service, len(route.candidates))
-        assert client.transport is not None
-        reset(client.transport)
 
     async def _try_endpoint(self, client: RelaySide, endpoint: Endpoint,
                             route: _Route) -> bool:
