@@ -364,20 +364,24 @@ def resolve_vip(lab: Lab, service: str) -> str:
                     f"(last answer {answer.strip()!r})")
 
 
-def start_consulate(env: Env, relay: str) -> Running:
+def start_consulate(env: Env, relay: str, intercept: str = "sk-lookup") -> Running:
     """A real agent in h1; c2 reaches each backend through its service's VIP."""
     agent = LabAgent(env.lab, 1, env.work / "data", env.work / "agent.log",
-                     extra_args=["--relay", relay])
+                     extra_args=["--relay", relay, "--tcp-intercept", intercept])
     try:
         agent.start()
         assert agent.process is not None
         group = Group("consulate agent", agent.process, agent.log_path)
         if env.proxy_cpus:
             group.set_cpus(env.proxy_cpus)
-        engine = agent.api("GET", "/v1/agent/self")["Stats"].get("relay", {}).get("engine")
-        if engine is not None and engine != relay:
+        stats = agent.api("GET", "/v1/agent/self")["Stats"]
+        engine = stats["relay"]["engine"]
+        if engine != relay:
             raise PeerError(f"asked for --relay {relay} but the agent reports the {engine} "
                             "relay (Stats.relay.engine)")
+        if stats["iptables"]["tcp_intercept"] != intercept:
+            raise PeerError(f"asked for --tcp-intercept {intercept} but the agent reports "
+                            f"{stats['iptables']['tcp_intercept']} (Stats.iptables)")
         targets = {}
         server = env.lab.container_ip(1, 1)
         for b in BACKENDS:
@@ -387,7 +391,7 @@ def start_consulate(env: Env, relay: str) -> Running:
         agent.stop()
         raise
     return Running(targets, [group], agent.stop,
-                   f"relay engine {engine or 'not reported'}, {group.threads()} thread(s)")
+                   f"relay engine {engine}, {group.threads()} thread(s)")
 
 
 # name -> (what it is, for the report; how to start it)
@@ -395,11 +399,15 @@ VARIANTS: dict[str, tuple[str, Callable[[Env], Running]]] = {
     "direct": ("c2 -> c1:port, bridged by h1, no proxy", start_direct),
     "consulate-python": (
         "`consulate agent --relay python`: c2 -> VIP from `dig bench-*.service.consul` "
-        "-> iptables REDIRECT -> proxy :10000 -> c1",
+        "-> BPF sk_lookup -> proxy :10000 -> c1",
         functools.partial(start_consulate, relay="python")),
     "consulate-native": (
         "`consulate agent --relay native` (C splice engine), same path",
         functools.partial(start_consulate, relay="native")),
+    "consulate-native-redirect": (
+        "`consulate agent --relay native --tcp-intercept redirect`: the VIP reaches the "
+        "proxy by iptables REDIRECT (NAT) instead of sk_lookup",
+        functools.partial(start_consulate, relay="native", intercept="redirect")),
     "haproxy": ("HAProxy `mode tcp`, defaults", start_haproxy),
     "haproxy-splice": (
         "HAProxy `mode tcp` + `option splice-request` + `option splice-response`",

@@ -40,6 +40,7 @@ from consulate.dns.server import DnsServer
 from consulate.proxy import iptables, localroute
 from consulate.proxy.outlier import OutlierPolicy
 from consulate.proxy.server import TransparentProxy
+from consulate.proxy.sklookup import REDIRECT
 from consulate.proxy.table import Endpoint, RouteTable
 from consulate.proxy.udp import UdpProxy
 from consulate.proxy.vip import VipAllocator
@@ -146,7 +147,10 @@ class Agent:
         self.supervisor.start("watch-hub", self.hub.follow)
         await self._routes_before_listening()
 
-        await self.proxy.start(*cfg.proxy_addr)
+        # Without the VIP route (--no-iptables) nothing would be steered: REDIRECT
+        # semantics (SO_ORIGINAL_DST) serve whoever redirects to the proxy then.
+        await self.proxy.start(*cfg.proxy_addr,
+                               intercept=cfg.tcp_intercept if cfg.iptables else REDIRECT)
         stack.push_async_callback(self.proxy.close)
         for host, port in cfg.dns_addrs:
             await self.dns.listen(host, port)
@@ -158,7 +162,8 @@ class Agent:
             stack.callback(localroute.remove, cfg.vip_cidr)
             rules = iptables.RedirectRules(
                 cfg.vip_cidr, cfg.proxy_addr[1], cfg.mark,
-                ambassador=self.ambassador.redirect if self.ambassador is not None else None)
+                ambassador=self.ambassador.redirect if self.ambassador is not None else None,
+                tcp=self.proxy.intercept == REDIRECT)
             iptables.install_rules(rules)
             stack.callback(iptables.remove_rules)
             self.udp = UdpProxy(self.table, rules)
@@ -286,7 +291,8 @@ class Agent:
                 "relay": {"engine": self.proxy.relay_name, "native_extension": caps.extension,
                           "splice_available": caps.splice},
                 "iptables": {"enabled": cfg.iptables, "vip_cidr": cfg.vip_cidr,
-                             "proxy_port": cfg.proxy_addr[1], "mark": hex(cfg.mark)},
+                             "proxy_port": cfg.proxy_addr[1], "mark": hex(cfg.mark),
+                             "tcp_intercept": self.proxy.intercept},
             },
         }
 

@@ -157,6 +157,10 @@ def _add_agent(sub: Any) -> None:
               "seconds an endpoint with 5 connect failures in a row stays out of its "
               "pool, times the number of its ejections (Envoy's base_ejection_time)",
               type=float)
+    _env_flag(p, "--tcp-intercept", defaults.tcp_intercept,
+              "how TCP to VIPs reaches the proxy: sk-lookup (a BPF program hands it "
+              "over unchanged, Linux 5.9+), redirect (iptables REDIRECT, NAT), or auto "
+              "(sk-lookup when the kernel allows it)")
     _env_flag(p, "--relay", defaults.relay,
               "byte mover: native (C splice engine), python, or auto (native when built)")
     _env_flag(p, "--max-connections", "auto", "connections the proxy relays at once; "
@@ -227,7 +231,8 @@ def _agent_config(args: argparse.Namespace) -> AgentConfig:
         dns_addrs=[parse_hostport("--dns-addr", a) for a in args.dns_addr.split(",") if a],
         domain=args.domain, proxy_addr=parse_hostport("--proxy-addr", args.proxy_addr),
         vip_cidr=args.vip_cidr, mark=parse_mark(args.mark), iptables=not args.no_iptables,
-        connect_timeout=args.connect_timeout, relay=args.relay, registry=_registry_of(args),
+        connect_timeout=args.connect_timeout, relay=args.relay,
+        tcp_intercept=args.tcp_intercept, registry=_registry_of(args),
         base_ejection_time=args.base_ejection_time,
         max_connections=parse_count("--max-connections", args.max_connections, auto=True),
         max_pending_per_service=parse_count("--max-pending-per-service",

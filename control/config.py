@@ -14,6 +14,7 @@ from consulate.dns.config import A_MODES, DEFAULT_UDP_MAX, DnsConfig, SoaTimers,
 from consulate.dns.wire import MIN_UDP
 from consulate.proxy.iptables import AmbassadorRedirect
 from consulate.proxy.limits import ConnectionLimits, LimitError, default_max_connections
+from consulate.proxy.sklookup import AUTO, INTERCEPTS
 
 DEFAULT_VIP_CIDR = "240.0.0.0/4"  # Consul's virtual-IP range, never routed on the internet
 DEFAULT_MARK = 0xC0A  # marks the proxy's upstream sockets so iptables never redirects them
@@ -177,6 +178,7 @@ class AgentConfig:
     connect_timeout: float = 2.0
     base_ejection_time: float = 30.0  # outlier ejection, x the endpoint's ejections (Envoy)
     relay: str = "auto"  # native when the extension is built and usable, else python
+    tcp_intercept: str = AUTO  # sk-lookup when the kernel allows it, else redirect
     max_connections: int = 0  # relayed at once; 0: derived from RLIMIT_NOFILE (HAProxy)
     max_pending_per_service: int = 1024  # connecting at once per service (Envoy's default)
     dns_rate_limit: float = 0.0  # UDP answers per second per client address; 0: off
@@ -246,6 +248,9 @@ class AgentConfig:
             raise ConfigError(f"{given[0]} is for an agent reached over TLS: use it with "
                               "--join https://HOST:PORT or --registry https://HOST:PORT "
                               f"(the registry is {self.registry})")
+        if self.tcp_intercept not in INTERCEPTS:
+            raise ConfigError(f"--tcp-intercept {self.tcp_intercept!r} is unknown: use one of "
+                              f"{', '.join(INTERCEPTS)}")
         if self.relay not in RELAYS:
             raise ConfigError(f"--relay {self.relay!r} is unknown: use one of {', '.join(RELAYS)}")
         if self.connect_timeout <= 0:

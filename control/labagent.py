@@ -57,7 +57,11 @@ class LabAgent:
             *self.extra_args,
         ]
         self.process = self.lab.popen(self.where, argv, stdout=self._log, stderr=self._log)
-        self.wait_ready(answering_is_enough=not ready)
+        try:
+            self.wait_ready(answering_is_enough=not ready)
+        except AgentStartError:
+            self.stop()  # an agent that did not start keeps neither a process nor its log open
+            raise
         return self
 
     def wait_ready(self, *, answering_is_enough: bool = False) -> None:

@@ -14,6 +14,8 @@ What the running agent needs, and why (nothing else; README "Privileges"):
   the kernel caps one user's pipes at ``fs.pipe-user-pages-soft`` (64 MiB: 64 such
   pipes), after which F_SETPIPE_SZ is refused and new pipes hold 8 KiB.
 - ``CAP_SYS_ADMIN``, with ``--scheduler-exec-netns`` only: ``nsenter --net`` (setns).
+- ``CAP_BPF``, with ``--tcp-intercept`` sk-lookup or auto: loading the sk_lookup
+  program and its socket map at start (attaching it takes ``CAP_NET_ADMIN``).
 
 Capabilities are per thread, and a thread inherits its creator's: the drop is done
 before the agent starts (its threads, the native engine's among them, then hold no
@@ -43,6 +45,7 @@ from typing import NoReturn
 
 from consulate import native
 from consulate.control.config import AgentConfig
+from consulate.proxy.sklookup import REDIRECT
 
 log = logging.getLogger("consulate.privileges")
 
@@ -65,6 +68,7 @@ CAP_NET_RAW = _NUMBER["CAP_NET_RAW"]
 CAP_SETPCAP = _NUMBER["CAP_SETPCAP"]
 CAP_SYS_ADMIN = _NUMBER["CAP_SYS_ADMIN"]
 CAP_SYS_RESOURCE = _NUMBER["CAP_SYS_RESOURCE"]
+CAP_BPF = _NUMBER["CAP_BPF"]
 
 # linux/prctl.h and linux/capability.h
 _PR_SET_KEEPCAPS = 8
@@ -106,9 +110,11 @@ class Account:
 
 
 def needed_capabilities(*, native_relay: bool, exec_netns: bool,
-                        legacy_iptables: bool = False) -> frozenset[int]:
+                        legacy_iptables: bool = False, sk_lookup: bool = False) -> frozenset[int]:
     """What the running agent uses (see the module docstring for each one's reason)."""
     needed = {CAP_NET_ADMIN, CAP_NET_BIND_SERVICE}
+    if sk_lookup:
+        needed.add(CAP_BPF)
     if legacy_iptables:
         needed.add(CAP_NET_RAW)
     if native_relay:
@@ -340,7 +346,8 @@ def agent_needs(config: AgentConfig) -> frozenset[int]:
                                                 and native.capabilities().splice)
     return needed_capabilities(native_relay=native_relay,
                                exec_netns=bool(config.scheduler and config.scheduler_exec_netns),
-                               legacy_iptables=config.iptables and _iptables_is_legacy())
+                               legacy_iptables=config.iptables and _iptables_is_legacy(),
+                               sk_lookup=config.iptables and config.tcp_intercept != REDIRECT)
 
 
 def _iptables_is_legacy() -> bool:

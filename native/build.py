@@ -64,7 +64,7 @@ int consulate_relay_listen(consulate_relay_engine *e, int listen_fd, uint32_t ma
                            int attempts, uint32_t mark_net, uint32_t mark_mask,
                            int consecutive_failures, double base_ejection_time,
                            double max_ejection_time, int max_ejection_percent,
-                           uint64_t max_connections, uint64_t max_pending);
+                           uint64_t max_connections, uint64_t max_pending, int steered);
 void consulate_relay_unlisten(consulate_relay_engine *e);
 int consulate_relay_set_routes(consulate_relay_engine *e, const consulate_route *routes,
                                size_t count, const uint32_t *addrs, const uint16_t *ports,

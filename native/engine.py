@@ -83,12 +83,15 @@ class SpliceEngine:
                marked_network: str = "0.0.0.0/0", consecutive_failures: int = 5,
                base_ejection_time: float = 30.0, max_ejection_time: float = 300.0,
                max_ejection_percent: int = 50, max_connections: int = 65536,
-               max_pending: int = 1024) -> None:
+               max_pending: int = 1024, steered: bool = False) -> None:
         """Accept on ``listener`` and route each connection by the table of ``set_routes``.
 
-        The engine reads the original destination, picks up to ``attempts``
+        The engine reads the original destination (SO_ORIGINAL_DST; or, when
+        ``steered`` by BPF sk_lookup, the accepted socket's own address, which
+        must be in ``marked_network``, the VIP range), picks up to ``attempts``
         endpoints of the VIP's service with the route's balancer and connects
-        (upstream sockets to an address in ``marked_network`` carry ``mark``),
+        (upstream sockets to an address in ``marked_network`` carry ``mark``;
+        ``steered``, they are refused: nothing would exempt them from steering),
         ejecting endpoints by the outlier policy given (proxy/outlier.py's
         OutlierPolicy fields), all without Python. Over ``max_connections``
         relayed at once, or ``max_pending`` of one service still connecting, an
@@ -106,7 +109,8 @@ class SpliceEngine:
                                          _ipv4(str(network.network_address)),
                                          _ipv4(str(network.netmask)), consecutive_failures,
                                          base_ejection_time, max_ejection_time,
-                                         max_ejection_percent, max_connections, max_pending)
+                                         max_ejection_percent, max_connections, max_pending,
+                                         int(steered))
         if rc != 0:
             raise OSError(-rc, f"relay engine cannot accept: {os.strerror(-rc)} (or an "
                                "outlier setting out of range)")

@@ -25,7 +25,8 @@
  * Accepting: the proxy can also give the engine its listening socket and a route
  * table (VIP -> service id and upstream endpoints), computed in Python from the
  * RouteTable and replaced whenever it changes. The engine then accepts, reads
- * the original destination (SO_ORIGINAL_DST, set by the iptables REDIRECT), looks
+ * the original destination (the accepted socket's own address when BPF sk_lookup
+ * steered it, proxy/sklookup.py; SO_ORIGINAL_DST after an iptables REDIRECT), looks
  * the VIP up, picks the candidates with the service's balancer and connects, with
  * no Python on the per-connection path: connection rate is bounded by syscalls,
  * not the interpreter. It keeps per-service counters Python reads when asked, and
@@ -235,7 +236,8 @@ typedef struct consulate_relay_engine {
     int listen_fd;
     struct side listen_side; /* its epoll cookie */
     uint32_t listen_mark;
-    uint32_t mark_net, mark_mask; /* only upstreams in this network get the mark */
+    uint32_t mark_net, mark_mask; /* the VIP network: only upstreams there get the mark */
+    int steered; /* sk_lookup, not REDIRECT, brings connections (proxy/sklookup.py) */
     int attempts;
     double accept_paused_until; /* > 0 while paused after EMFILE */
     /* Limits (proxy/limits.py): over them an accepted connection is reset. */
@@ -569,6 +571,13 @@ static int start_attempt(consulate_relay_engine *e, struct conn *c, double now)
     struct epoll_event ev;
     int one = 1, fd, blame;
     for (; c->attempt < c->ncandidates; c->attempt++) {
+        /* With sk_lookup nothing exempts our own connection to a VIP-range address
+         * from being steered back to us: refuse it as the local route would. */
+        if (e->steered &&
+            (c->candidates[c->attempt].sin_addr.s_addr & e->mark_mask) == e->mark_net) {
+            candidate_failed(e, c, ECONNREFUSED, 1);
+            continue;
+        }
         fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
         if (fd < 0) {
             candidate_failed(e, c, errno, 0);
@@ -1313,9 +1322,15 @@ static void route_accepted(consulate_relay_engine *e, int fd, const struct socka
     uint32_t k, ncand, picked[MAX_CANDIDATES] = {0};
 
     memset(&dest, 0, sizeof(dest));
-    if (getsockopt(fd, SOL_IP, SO_ORIGINAL_DST, &dest, &len) != 0) {
+    if (e->steered ? getsockname(fd, (struct sockaddr *)&dest, &len) != 0
+                   : getsockopt(fd, SOL_IP, SO_ORIGINAL_DST, &dest, &len) != 0) {
         e->unrouted++; /* not REDIRECTed: someone connected to the proxy port itself */
         refuse(e, fd, client, NULL, 0, REASON_UNROUTED, errno);
+        return;
+    }
+    if (e->steered && (dest.sin_addr.s_addr & e->mark_mask) != e->mark_net) {
+        e->unrouted++; /* not steered: someone connected to the proxy port itself */
+        refuse(e, fd, client, NULL, 0, REASON_UNROUTED, ENOENT);
         return;
     }
     if ((r = route_find(e->routes, dest.sin_addr.s_addr)) == NULL) {
@@ -1410,7 +1425,7 @@ static int consulate_relay_listen(consulate_relay_engine *e, int listen_fd, uint
                                   int attempts, uint32_t mark_net, uint32_t mark_mask,
                                   int consecutive_failures, double base_ejection_time,
                                   double max_ejection_time, int max_ejection_percent,
-                                  uint64_t max_connections, uint64_t max_pending)
+                                  uint64_t max_connections, uint64_t max_pending, int steered)
 {
     struct epoll_event ev;
     int rc = 0, one = 1;
@@ -1440,6 +1455,7 @@ static int consulate_relay_listen(consulate_relay_engine *e, int listen_fd, uint
             e->listen_mark = mark;
             e->mark_net = mark_net & mark_mask;
             e->mark_mask = mark_mask;
+            e->steered = steered != 0;
             e->attempts = attempts;
             e->outlier.consecutive_failures = (uint32_t)consecutive_failures;
             e->outlier.base_ejection_time = base_ejection_time;

@@ -8,7 +8,9 @@ the rules appear or change all at once and other tools' rules are left alone.
 
 Ordering matters in OUTPUT: our own upstream connections carry ``mark`` and
 RETURN first, so the proxy never redirects itself even if an endpoint's address
-falls inside the VIP range.
+falls inside the VIP range. When BPF sk_lookup brings TCP to the proxy
+(proxy/sklookup.py), ``tcp`` is False and the TCP rules are left out: only UDP
+(and the ambassador's REDIRECT) use the nat table then.
 
 UDP to a VIP goes to ``CONSULATE-UDP`` (see proxy/udp.py). nat chains only see the
 first packet of a conntrack flow; there an unmarked datagram is queued (NFQUEUE) to
@@ -60,6 +62,7 @@ class RedirectRules:
     mark: int
     udp_queue: int = DEFAULT_UDP_QUEUE
     ambassador: AmbassadorRedirect | None = None
+    tcp: bool = True  # False: sk_lookup steers TCP, no REDIRECT for it
 
 
 @dataclass(frozen=True)
@@ -141,11 +144,11 @@ def install_script(rules: RedirectRules, save_text: str) -> str:
         f":{OUTPUT_CHAIN} - [0:0]",
         f":{POSTROUTING_CHAIN} - [0:0]",
         f":{UDP_CHAIN} - [0:0]",
-        f"-A {PREROUTING_CHAIN} {redirect}",
+        *([f"-A {PREROUTING_CHAIN} {redirect}"] if rules.tcp else []),
         f"-A {PREROUTING_CHAIN} {to_udp}",
         *([rules.ambassador.rule()] if rules.ambassador is not None else []),
-        f"-A {OUTPUT_CHAIN} -m mark --mark {rules.mark:#x} -j RETURN",
-        f"-A {OUTPUT_CHAIN} {redirect}",
+        *([f"-A {OUTPUT_CHAIN} -m mark --mark {rules.mark:#x} -j RETURN",
+           f"-A {OUTPUT_CHAIN} {redirect}"] if rules.tcp else []),
         f"-A {OUTPUT_CHAIN} {to_udp}",
         f"-A {POSTROUTING_CHAIN} -p udp -m conntrack --ctstate DNAT --ctorigdst"
         f" {rules.vip_cidr} -j MASQUERADE",
@@ -175,8 +178,9 @@ def remove_script(save_text: str) -> str | None:
 def install_rules(rules: RedirectRules) -> None:
     """Install (or replace) our rules in the current network namespace."""
     _restore(install_script(rules, _save()))
-    log.info("event=iptables-installed vip_cidr=%s proxy_port=%d mark=%#x",
-             rules.vip_cidr, rules.proxy_port, rules.mark)
+    log.info("event=iptables-installed vip_cidr=%s proxy_port=%d mark=%#x tcp=%s",
+             rules.vip_cidr, rules.proxy_port, rules.mark,
+             "redirect" if rules.tcp else "sk-lookup")
 
 
 def replace_udp_targets(rules: RedirectRules, targets: Iterable[UdpTarget]) -> None:

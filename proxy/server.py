@@ -1,7 +1,10 @@
 """The transparent TCP proxy: accept, find the service from the original destination,
 connect to an endpoint (retrying on distinct ones), then relay the bytes both ways.
 
-iptables REDIRECTs connections to VIPs onto this listener. With the native engine
+Connections to VIPs reach this listener in one of two ways (``--tcp-intercept``): a BPF
+sk_lookup program hands them to it unchanged, the VIP being the accepted socket's
+own address (proxy/sklookup.py), or iptables REDIRECTs them, the VIP then read
+back with SO_ORIGINAL_DST (proxy/origdst.py). With the native engine
 the per-connection path runs entirely in C: the proxy lends the engine its
 listening socket and publishes, at every RouteTable change, the table the engine
 routes by (VIP -> service id -> endpoints); Python keeps the decisions (which
@@ -26,6 +29,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 from consulate.native.model import LIMITS, EngineRoute, RelayResult
+from consulate.proxy import sklookup
 from consulate.proxy.balance import LB_NAMES
 from consulate.proxy.limits import (
     MAX_CONNECTIONS,
@@ -40,6 +44,7 @@ from consulate.proxy.origdst import original_dst
 from consulate.proxy.outlier import Ejection, OutlierPolicy
 from consulate.proxy.pool import ServicePool
 from consulate.proxy.relay import ClientSide, PythonRelay, RelaySide, reset
+from consulate.proxy.sklookup import REDIRECT, SK_LOOKUP
 from consulate.proxy.stats import ProxyStats, ServiceCounters
 from consulate.proxy.table import Endpoint, RouteTable
 
@@ -106,6 +111,7 @@ class TransparentProxy:
         self._return_timers: dict[str, asyncio.TimerHandle] = {}
         self._engine = engine
         self._mark = mark
+        self._steering: sklookup.SkLookup | None = None  # while sk_lookup brings connections
         self._connect_timeout = connect_timeout
         self._attempts = attempts
         self._listener: socket.socket | None = None
@@ -123,7 +129,18 @@ class TransparentProxy:
     def relay_name(self) -> str:
         return "native" if self._engine is not None else "python"
 
-    async def start(self, host: str, port: int) -> None:
+    @property
+    def intercept(self) -> str:
+        """How connections reach the listener now: sk-lookup or redirect."""
+        return SK_LOOKUP if self._steering is not None else REDIRECT
+
+    async def start(self, host: str, port: int, intercept: str = REDIRECT) -> None:
+        """Listen, and with ``intercept`` sk-lookup (or auto) steer the VIP range to it.
+
+        sk-lookup raises sklookup.SkLookupError when the kernel refuses; auto then
+        logs why and relies on iptables REDIRECT (the caller installs its rules by
+        ``intercept``, read after this returns).
+        """
         loop = asyncio.get_running_loop()
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -131,6 +148,15 @@ class TransparentProxy:
         listener.listen(LISTEN_BACKLOG)
         listener.setblocking(False)
         self._listener = listener
+        if intercept != REDIRECT:
+            try:
+                self._steering = sklookup.attach(listener, self.table.vip_network)
+            except sklookup.SkLookupError as exc:
+                if intercept == SK_LOOKUP:
+                    listener.close()
+                    self._listener = None
+                    raise
+                log.warning("event=sk-lookup-unavailable action=use-redirect error=%r", str(exc))
         if self._engine is None:
             self._server = await loop.create_server(
                 lambda: self._python.client(on_made=self._route_client), sock=listener,
@@ -143,10 +169,12 @@ class TransparentProxy:
                                 marked_network=str(self.table.vip_network),
                                 max_connections=self.limits.max_connections,
                                 max_pending=self.limits.max_pending_per_service,
+                                steered=self._steering is not None,
                                 **asdict(self._outlier))
-        log.info("event=listen component=proxy address=%s:%d relay=%s max_connections=%d "
-                 "max_pending_per_service=%d", host, port, self.relay_name,
-                 self.limits.max_connections, self.limits.max_pending_per_service)
+        log.info("event=listen component=proxy address=%s:%d relay=%s intercept=%s "
+                 "max_connections=%d max_pending_per_service=%d", host, port, self.relay_name,
+                 self.intercept, self.limits.max_connections,
+                 self.limits.max_pending_per_service)
 
     async def close(self) -> None:
         loop = asyncio.get_running_loop()
@@ -161,6 +189,9 @@ class TransparentProxy:
                 self._engine.unlisten()
             self._listener.close()
             self._listener = None
+        if self._steering is not None:
+            self._steering.close()
+            self._steering = None
         for timer in self._return_timers.values():
             timer.cancel()
         self._return_timers.clear()
@@ -242,7 +273,7 @@ class TransparentProxy:
         """Where this connection goes, or None after resetting it (logged, counted)."""
         peer = transport.get_extra_info("peername")
         try:
-            vip, port = original_dst(transport.get_extra_info("socket"))
+            vip, port = self._destination(transport)
         except (OSError, ValueError) as exc:
             self.stats.unrouted += 1
             log.warning("event=reject client=%s:%d reason=no-original-destination error=%s",
@@ -354,7 +385,20 @@ class TransparentProxy:
         log.info("event=uneject service=%s endpoint=%s address=%s:%d", name,
                  self._endpoint_id(name, address, port), address, port)
 
+    def _destination(self, transport: asyncio.Transport) -> tuple[ipaddress.IPv4Address, int]:
+        """The VIP and port the client asked for (OSError or ValueError: not a VIP's)."""
+        if self._steering is None:
+            return original_dst(transport.get_extra_info("socket"))
+        address, port = transport.get_extra_info("sockname")[:2]
+        vip = ipaddress.IPv4Address(address)
+        if vip not in self.table.vip_network:
+            raise ValueError(f"{address}:{port} is not in the VIP range: not steered here")
+        return vip, port
+
     async def _marked_connection(self, address: tuple[str, int]) -> socket.socket:
+        if self._steering is not None:  # sk_lookup would steer it back to us: the
+            # local route's answer, as REDIRECT gives it to a marked connection
+            raise ConnectionRefusedError(errno.ECONNREFUSED, os.strerror(errno.ECONNREFUSED))
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, self._mark)

@@ -89,7 +89,9 @@ def agent(
                        extra_args=["--relay", request.param, "--connect-timeout", "1",
                                    # a test module may add flags (AGENT_EXTRA_ARGS)
                                    *getattr(request.module, "AGENT_EXTRA_ARGS", ())]).start()
-    assert running.api("GET", "/v1/agent/self")["Stats"]["relay"]["engine"] == request.param
+    stats = running.api("GET", "/v1/agent/self")["Stats"]
+    assert stats["relay"]["engine"] == request.param
+    assert stats["iptables"]["tcp_intercept"] == "sk-lookup"  # the default, where BPF works
     try:
         yield running
     finally:

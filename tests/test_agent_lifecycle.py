@@ -75,8 +75,9 @@ def test_restart_keeps_vips_and_stop_leaves_no_rules(
     before = agent.api("GET", "/v1/agent/self")["Stats"]["routes"]["services"]
     rules = _nat_rules(host_lab)
     assert ":CONSULATE-PREROUTING - [0:0]" in rules
-    assert "-A CONSULATE-OUTPUT -m mark --mark 0xc0a -j RETURN" in rules
-    assert "-A CONSULATE-PREROUTING -d 240.0.0.0/4 -p tcp -j REDIRECT --to-ports 10000" in rules
+    # TCP is steered by BPF sk_lookup (the default where the kernel has it): nat has UDP only
+    assert "-A CONSULATE-PREROUTING -d 240.0.0.0/4 -p udp -j CONSULATE-UDP" in rules
+    assert "-p tcp" not in rules
     assert "local 240.0.0.0/4 dev lo" in _vip_route(host_lab)
 
     assert agent.stop() == 0

@@ -72,6 +72,26 @@ def test_first_install_declares_chains_and_jumps_once() -> None:
     )
 
 
+def test_with_sk_lookup_steering_tcp_only_udp_is_left_in_nat() -> None:
+    # Reinstalled over REDIRECT rules (an agent restarted with sk_lookup): declaring
+    # the chains flushes them, so no TCP rule survives.
+    assert install_script(RedirectRules("240.0.0.0/4", 10000, 0xC0A, tcp=False),
+                          INSTALLED) == (
+        "*nat\n"
+        ":CONSULATE-PREROUTING - [0:0]\n"
+        ":CONSULATE-OUTPUT - [0:0]\n"
+        ":CONSULATE-POSTROUTING - [0:0]\n"
+        ":CONSULATE-UDP - [0:0]\n"
+        "-A CONSULATE-PREROUTING -d 240.0.0.0/4 -p udp -j CONSULATE-UDP\n"
+        "-A CONSULATE-OUTPUT -d 240.0.0.0/4 -p udp -j CONSULATE-UDP\n"
+        "-A CONSULATE-POSTROUTING -p udp -m conntrack --ctstate DNAT --ctorigdst 240.0.0.0/4"
+        " -j MASQUERADE\n"
+        "-A CONSULATE-UDP -m mark --mark 0x0/0xffff0000"
+        " -j NFQUEUE --queue-num 10000 --queue-bypass\n"
+        "COMMIT\n"
+    )
+
+
 def test_reinstall_replaces_rules_without_duplicating_jumps() -> None:
     script = install_script(RedirectRules("240.0.0.0/8", 10001, 0x10), INSTALLED)
     assert "-I " not in script

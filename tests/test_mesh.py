@@ -1,6 +1,6 @@
 """End to end in a lab: a container reaches services by name through the agent.
 
-Host h1 runs a real ``consulate agent`` (iptables REDIRECT, proxy, DNS on the
+Host h1 runs a real ``consulate agent`` (BPF sk_lookup, proxy, DNS on the
 container bridge). Containers c1-c3 run echo servers, c4 is the client, c5 a
 server that never reads. Every payload is checked byte for byte and by SHA-256,
 and the server's trailer, sent after the client's EOF, proves the half-close.
@@ -175,3 +175,35 @@ def test_address_in_the_vip_range_but_no_service_is_reset(
     assert result["elapsed"] < 1.0
     assert "destination=240.0.0.1:80 reason=unknown-vip" in agent.log()
     assert agent.api("GET", "/v1/agent/self")["Stats"]["proxy"]["unrouted"] == before + 1
+
+
+def test_sk_lookup_mode_leaves_tcp_out_of_the_nat_table(mesh_lab: Lab,
+                                                        agent: LabAgent) -> None:
+    rules = mesh_lab.exec("h1", ["iptables-save", "-t", "nat"], capture_output=True,
+                         text=True, check=True).stdout
+    assert "-A CONSULATE-PREROUTING -d 240.0.0.0/4 -p udp -j CONSULATE-UDP" in rules
+    assert "-p tcp -j REDIRECT" not in rules
+    assert "--mark 0xc0a -j RETURN" not in rules
+
+
+def test_sk_lookup_mode_rejects_a_connection_made_to_the_proxy_port_itself(
+        mesh_lab: Lab, agent: LabAgent, peers: Peers) -> None:
+    before = agent.api("GET", "/v1/agent/self")["Stats"]["proxy"]["unrouted"]
+    [result] = peers.connect("h1c4", mesh_lab.bridge_ip(1), 10000)
+    assert not result["ok"], result
+    assert "reason=no-original-destination" in agent.log()
+    assert agent.api("GET", "/v1/agent/self")["Stats"]["proxy"]["unrouted"] == before + 1
+
+
+def test_an_endpoint_inside_the_vip_range_is_refused_not_looped(
+        mesh_lab: Lab, agent: LabAgent, peers: Peers) -> None:
+    before = agent.api("GET", "/v1/agent/self")["Stats"]["proxy"]
+    agent.register("loop", "loop-1", "240.0.0.9", 80)
+    [result] = peers.connect("h1c4", "loop.service.consul", 80)
+    assert not result["ok"], result
+    log = agent.log()
+    assert "event=connect-failed service=loop endpoint=loop-1 address=240.0.0.9:80" in log
+    assert "service=loop reason=all-attempts-failed attempts=1" in log
+    after = agent.api("GET", "/v1/agent/self")["Stats"]["proxy"]
+    assert after["unrouted"] == before["unrouted"]  # the proxy never accepted itself
+    assert after["services"]["loop"]["connect_failures"] == 1

@@ -30,6 +30,7 @@ from consulate.control import privileges
 from consulate.control.config import AgentConfig
 from consulate.control.labagent import LabAgent
 from consulate.control.privileges import (
+    CAP_BPF,
     CAP_NET_ADMIN,
     CAP_NET_BIND_SERVICE,
     CAP_NET_RAW,
@@ -76,6 +77,8 @@ def test_needed_capabilities_are_net_admin_and_bind_plus_what_options_use() -> N
         BASE | {CAP_SYS_ADMIN})
     assert privileges.needed_capabilities(native_relay=False, exec_netns=False,
                                           legacy_iptables=True) == BASE | {CAP_NET_RAW}
+    assert privileges.needed_capabilities(native_relay=False, exec_netns=False,
+                                          sk_lookup=True) == BASE | {CAP_BPF}
 
 
 def test_legacy_iptables_is_told_by_its_version_line() -> None:
@@ -85,14 +88,22 @@ def test_legacy_iptables_is_told_by_its_version_line() -> None:
 
 
 def test_agent_needs_follows_its_options() -> None:
-    assert privileges.agent_needs(AgentConfig(relay="python")) == BASE
-    assert privileges.agent_needs(AgentConfig(relay="native")) == BASE | {CAP_SYS_RESOURCE}
+    redirect = {"tcp_intercept": "redirect"}
+    assert privileges.agent_needs(AgentConfig(relay="python", **redirect)) == BASE
+    assert privileges.agent_needs(AgentConfig(relay="native", **redirect)) == (
+        BASE | {CAP_SYS_RESOURCE})
     # the exec netns is only used by the scheduler
-    assert privileges.agent_needs(AgentConfig(relay="python",
+    assert privileges.agent_needs(AgentConfig(relay="python", **redirect,
                                               scheduler_exec_netns="lab-h1c1")) == BASE
-    assert privileges.agent_needs(AgentConfig(relay="python", scheduler=True,
+    assert privileges.agent_needs(AgentConfig(relay="python", scheduler=True, **redirect,
                                               scheduler_exec_netns="lab-h1c1")) == (
         BASE | {CAP_SYS_ADMIN})
+    # BPF sk_lookup (the default, auto, may use it) loads a program at start
+    for intercept in ("auto", "sk-lookup"):
+        assert privileges.agent_needs(AgentConfig(relay="python", tcp_intercept=intercept)) \
+            == BASE | {CAP_BPF}
+    # no VIP route and rules, nothing to steer
+    assert privileges.agent_needs(AgentConfig(relay="python", iptables=False)) == BASE
 
 
 def test_masks_and_names() -> None:
@@ -329,7 +340,8 @@ def _thread_states(pid: int) -> list[ProcessPrivileges]:
 
 def _expected_mask(relay: str) -> int:
     """What the agent keeps: what it needs, of what this (root) test runner has."""
-    needs = privileges.needed_capabilities(native_relay=relay == "native", exec_netns=False)
+    needs = privileges.needed_capabilities(native_relay=relay == "native", exec_netns=False,
+                                           sk_lookup=True)
     return privileges.mask_of(needs) & _own().permitted
 
 
@@ -463,12 +475,12 @@ def test_legacy_iptables_backend_keeps_cap_net_raw(priv_lab: labmod.Lab, open_di
         return priv_lab.exec("h1", ["iptables-legacy-save", "-t", "nat"], capture_output=True,
                              text=True, check=True).stdout
 
-    mask = privileges.mask_of(BASE | {CAP_NET_RAW}) & _own().permitted
+    mask = privileges.mask_of(BASE | {CAP_NET_RAW, CAP_BPF}) & _own().permitted
     try:
         agent.start()
         assert agent.process is not None
         assert {t.effective for t in _thread_states(agent.process.pid)} == {mask}
-        assert ("-A CONSULATE-OUTPUT -m mark --mark 0xc0a -j RETURN"
+        assert ("-A CONSULATE-OUTPUT -d 240.0.0.0/4 -p udp -j CONSULATE-UDP"
                 in legacy_nat().splitlines())
         agent.api("PUT", "/v1/agent/service/register",
                   {"ID": "echo-1", "Name": "echo", "Address": priv_lab.container_ip(1, 2),
