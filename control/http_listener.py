@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import time
 from typing import cast
 
 from aiohttp import web
@@ -25,6 +26,8 @@ from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_response import StreamResponse
+
+from consulate.proxy.limits import LimitEpisodes
 
 log = logging.getLogger("consulate.http")
 
@@ -35,18 +38,36 @@ REJECT_TIMEOUT = 5.0  # how long a refused connection may take to send its reque
 _HEAD_END = b"\r\n\r\n"
 
 
+LIMIT_NAME = "http_max_conns_per_client"
+
+
 class ClientConnections:
-    """Open connections per client address, and the limit on them (0: none)."""
+    """Open connections per client address, and the limit on them (0: none).
+
+    Refusals are logged once per episode (a client hammering the API must not
+    flood the log): its first refusal, then, at its next admitted connection,
+    how many were refused meanwhile (proxy/limits.py's episodes).
+    """
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self._open: dict[str, int] = {}
+        self._episodes = LimitEpisodes()
 
     def admit(self, client: str) -> bool:
         """Count a new connection from ``client``; False (not counted) over the limit."""
         count = self._open.get(client, 0)
         if self.limit and count >= self.limit:
+            if self._episodes.refused(LIMIT_NAME, client, self.limit,
+                                      time.monotonic()) is not None:
+                log.warning("event=http-conn-refused client=%s reason=too-many-connections "
+                            "limit=%d", client, self.limit)
             return False
+        ended = self._episodes.admitted(LIMIT_NAME, client)
+        if ended is not None:
+            log.warning("event=http-conn-refusals-ended client=%s limit=%d refused=%d "
+                        "seconds=%.3f", client, self.limit, ended.refused,
+                        max(time.monotonic() - ended.started, 0.0))
         self._open[client] = count + 1
         return True
 
@@ -109,10 +130,7 @@ class _Counted(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.client = peer[0] if peer else "unknown"
         if not self.connections.admit(self.client):
-            limit = self.connections.limit
-            log.warning("event=http-conn-refused client=%s reason=too-many-connections "
-                        "limit=%d", self.client, limit)
-            self.inner = _Refused(too_many_connections(self.client, limit))
+            self.inner = _Refused(too_many_connections(self.client, self.connections.limit))
             self.client = ""  # not counted
         self.inner.connection_made(transport)
 

@@ -75,7 +75,7 @@ async def _until(condition: Callable[[], bool]) -> None:
 
 
 async def test_a_client_over_its_connection_limit_gets_429_and_others_are_unaffected(
-        site: ApiSite, registry: EmbeddedRegistry) -> None:
+        site: ApiSite, registry: EmbeddedRegistry, caplog: pytest.LogCaptureFixture) -> None:
     index = registry.index
     watch = _get(f"/v1/catalog/services?index={index}&wait=60s")
     watchers = [await _send(site, watch) for _ in range(LIMIT)]
@@ -83,6 +83,7 @@ async def test_a_client_over_its_connection_limit_gets_429_and_others_are_unaffe
 
     refused = await _exchange(site, _get("/v1/catalog/services"))
     assert refused == too_many_connections("127.0.0.1", LIMIT)
+    assert await _exchange(site, _get("/v1/catalog/services")) == refused
     assert too_many_connections("127.0.0.1", LIMIT) == (
         b"HTTP/1.1 429 Too Many Requests\r\nContent-Type: text/plain; charset=utf-8\r\n"
         b"Content-Length: 169\r\nConnection: close\r\n\r\nToo many connections from "
@@ -98,6 +99,13 @@ async def test_a_client_over_its_connection_limit_gets_429_and_others_are_unaffe
     await _until(lambda: site.connections.open("127.0.0.1") == LIMIT - 1)
     answer = await _exchange(site, _get("/v1/catalog/services"))
     assert _status_and_body(answer) == (b"HTTP/1.1 200 OK", b"{}")
+    # One line when the refusals start, one when they end (with their count).
+    lines = [r.getMessage() for r in caplog.records if "http-conn-ref" in r.getMessage()]
+    assert lines[0] == ("event=http-conn-refused client=127.0.0.1 reason=too-many-connections "
+                        "limit=3")
+    assert lines[1].startswith("event=http-conn-refusals-ended client=127.0.0.1 limit=3 "
+                               "refused=2 seconds=")
+    assert len(lines) == 2
 
     # The watchers held all along still wake on a write.
     await registry.register(Instance(id="web-1", name="web", address="10.0.0.1", port=80))
