@@ -51,6 +51,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a file: make `consulate` importable the same way
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.machine import cpu_model
 from bench.report import colour, markdown
 from bench.signals import run_main
 from bench.watchers import percentile
@@ -382,9 +383,7 @@ def chart(results: dict[str, Series], path: Path) -> None:
 
 def report(results: dict[str, Series], samples: int, minutes: float,
            load: tuple[float, float, float]) -> str:
-    model = next((line.split(":", 1)[1].strip() for line in
-                  Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), "?")
+    model = cpu_model()
     etcd_version = subprocess.run(["etcd", "--version"], capture_output=True,
                                   text=True).stdout.splitlines()[0]
     polls = statistics.median(p for s in results.values() for p in s.polls)

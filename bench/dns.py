@@ -55,6 +55,7 @@ from dnslib import DNSRecord
 
 from bench import dns_peers, report, signals
 from bench.dns_peers import Agent, Server, Service
+from bench.machine import cpu_model
 from bench.peers import PeerError, taskset
 from bench.report import Metric, Section
 
@@ -549,9 +550,7 @@ def tool_version(argv: Sequence[str]) -> str:
 
 
 def _machine() -> list[tuple[str, str]]:
-    model = next((line.split(":", 1)[1].strip() for line in
-                  Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), "unknown")
+    model = cpu_model()
     packages = ", ".join(f"{name} {importlib.metadata.version(name)}"
                          for name in ("uvloop", "dnslib", "consulate"))
     return [("cores", f"{os.cpu_count()} x {model}"), ("kernel (uname -r)", platform.release()),

@@ -57,6 +57,7 @@ import uvloop
 from aiohttp import web
 
 from bench import report
+from bench.machine import cpu_model
 from bench.peers import taskset
 from bench.report import Metric, Section
 from bench.signals import run_main
@@ -474,9 +475,7 @@ def _write(args: argparse.Namespace, pin: bool, elapsed: float, variants: list[s
            sections: list[Section], results: report.Results) -> None:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    model = next((line.split(":", 1)[1].strip() for line in
-                  Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), "unknown")
+    model = cpu_model()
     machine = [("cores", f"{os.cpu_count()} x {model}"),
                ("kernel (uname -r)", platform.release()),
                ("python", platform.python_version()),

@@ -39,6 +39,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: make `consulate` importable the same way
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.machine import cpu_model
 from bench.signals import run_main
 from consulate.control import lab as labmod
 from consulate.control.labagent import LabAgent
@@ -217,9 +218,7 @@ def report(reps: list[Rep], count: int, minutes: float) -> str:
     lags = [r.lags() for r in reps]
     complete = all(len(r.registered) == count for r in reps)
     counts = ", ".join(f"{len(r.registered)}/{len(r.started)}" for r in reps)
-    model = next((line.split(":", 1)[1].strip() for line in
-                  Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), "?")
+    model = cpu_model()
     verdict = ("met" if complete and max(gaps) <= TARGET else "NOT met")
     return "\n".join([
         "# Registrator: containers started together, registered", "",

@@ -30,6 +30,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display on a server
 import matplotlib.pyplot as plt  # after use("Agg")
 
+from bench.machine import cpu_model
 from bench.watchers import percentile
 
 if TYPE_CHECKING:
@@ -187,9 +188,7 @@ def _ms(value: float | None) -> str:
 
 
 def _machine() -> list[tuple[str, str]]:
-    model = next((line.split(":", 1)[1].strip() for line in
-                  Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), "?")
+    model = cpu_model()
     etcd = subprocess.run(["etcd", "--version"], capture_output=True, text=True).stdout
     return [("cores", f"{os.cpu_count()} x {model}"), ("kernel (uname -r)", platform.release()),
             ("python", platform.python_version()),

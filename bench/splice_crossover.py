@@ -37,6 +37,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: make `consulate` importable the same way
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.machine import cpu_model
 from bench.signals import run_main
 from consulate.native.engine import DEFAULT_SPLICE_THRESHOLD, SpliceEngine
 
@@ -233,9 +234,7 @@ def chart(runs: dict[tuple[str, str, int], list[Run]], path: Path) -> None:
 
 
 def machine() -> list[str]:
-    model = next((line.split(":", 1)[1].strip() for line in
-                  Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), "?")
+    model = cpu_model()
     return ["| | |", "|---|---|",
             f"| cores | {os.cpu_count()} x {model} |",
             f"| kernel (uname -r) | {platform.release()} |",

@@ -33,6 +33,7 @@ if __package__ in (None, ""):  # run as a file (python bench/tcp.py): make `benc
 
 from bench import loadgen, peers, report, tcp_targets
 from bench.dns import cpu_busy
+from bench.machine import cpu_model
 from bench.report import Metric, Section
 from bench.signals import run_main
 from consulate.control import lab as labs
@@ -227,9 +228,7 @@ def _version(argv: Sequence[str], line: int = 0) -> str:
 
 
 def _machine() -> list[tuple[str, str]]:
-    model = next((line.split(":", 1)[1].strip() for line in
-                  Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), "unknown")
+    model = cpu_model()
     return [
         ("cores", f"{os.cpu_count()} x {model}"),
         ("kernel (uname -r)", platform.release()),

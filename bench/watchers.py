@@ -58,6 +58,7 @@ from matplotlib.ticker import StrMethodFormatter
 from bench import report
 from bench.dns import cpu_busy, hot_lines, summarize_profile
 from bench.dns_peers import Agent
+from bench.machine import cpu_model
 from bench.peers import CLK_TCK, Group, PeerError, taskset
 from bench.report import Metric, Section
 from bench.signals import run_main
@@ -640,9 +641,7 @@ def targets(plan: Plan, run: Run) -> list[tuple[str, str]]:
 
 
 def _machine() -> list[tuple[str, str]]:
-    model = next((line.split(":", 1)[1].strip() for line in
-                  Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), "unknown")
+    model = cpu_model()
     packages = ", ".join(f"{name} {importlib.metadata.version(name)}"
                          for name in ("aiohttp", "uvloop", "consulate"))
     mem = next((line.split(":", 1)[1].strip() for line in
