@@ -154,6 +154,10 @@ def targets(results: Results) -> tuple[list[Row], list[str]]:
     value, detail = ratio("connrate", "consulate-native", "socat", "rps")
     rows.append(_row("connections: native >= 3x socat", value, 3.0, True, detail + " conn/s",
                      BOUNDS["connrate"], notes))
+    value, detail = ratio("connrate", "consulate-native", "consulate-native-redirect", "rps")
+    if value is not None:  # not a target: what steering by sk_lookup rather than NAT gives
+        rows.append(("(not a target) connections: native steered by sk_lookup vs by "
+                     "iptables REDIRECT", f"{value:.2f}x ({detail} conn/s)"))
     rows.append(_latency_row(results, notes))
     for test, key, what in (("bulk-1", "gbps", "bulk 1 stream"), ("bulk-8", "gbps",
                             "bulk 8 streams"), ("connrate", "rps", "connections"),

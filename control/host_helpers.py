@@ -16,6 +16,7 @@ from consulate.control.config import (
     parse_mark,
 )
 from consulate.proxy import iptables
+from consulate.proxy.sklookup import REDIRECT, SK_LOOKUP
 
 
 def docker_dns_options(bridge_ip: str, domain: str) -> str:
@@ -44,8 +45,10 @@ def _cmd_docker_opts(args: argparse.Namespace) -> int:
 
 
 def redirect_rules_text(vip_cidr: str, proxy_port: int, mark: str,
-                        ambassador: iptables.AmbassadorRedirect | None = None) -> str:
-    """The iptables-restore transaction the agent applies on a host without its rules."""
+                        ambassador: iptables.AmbassadorRedirect | None = None, *,
+                        tcp_intercept: str = REDIRECT) -> str:
+    """The iptables-restore transaction the agent applies on a host without its rules
+    (with ``tcp_intercept`` sk-lookup, BPF brings TCP to the proxy: no TCP rules)."""
     try:
         ipaddress.IPv4Network(vip_cidr)
     except ValueError as exc:
@@ -53,13 +56,15 @@ def redirect_rules_text(vip_cidr: str, proxy_port: int, mark: str,
     if not 1 <= proxy_port <= 65535:
         raise ConfigError(f"--proxy-port {proxy_port} must be from 1 to 65535")
     return iptables.install_script(
-        iptables.RedirectRules(vip_cidr, proxy_port, parse_mark(mark), ambassador=ambassador), "")
+        iptables.RedirectRules(vip_cidr, proxy_port, parse_mark(mark), ambassador=ambassador,
+                               tcp=tcp_intercept == REDIRECT), "")
 
 
 def _cmd_iptables(args: argparse.Namespace) -> int:
     ambassador = AgentConfig(proxy_addr=("0.0.0.0", args.proxy_port)).ambassador_redirect(
         args.bridge_ip or bridge_address()) if args.ambassador else None
-    print(redirect_rules_text(args.vip_cidr, args.proxy_port, args.mark, ambassador), end="")
+    print(redirect_rules_text(args.vip_cidr, args.proxy_port, args.mark, ambassador,
+                              tcp_intercept=args.tcp_intercept), end="")
     return 0
 
 
@@ -77,6 +82,10 @@ def add_host_helper_parsers(sub: Any) -> None:
     p.add_argument("--vip-cidr", default=DEFAULT_VIP_CIDR)
     p.add_argument("--proxy-port", type=int, default=10000)
     p.add_argument("--mark", default=hex(DEFAULT_MARK))
+    p.add_argument("--tcp-intercept", choices=(REDIRECT, SK_LOOKUP), default=REDIRECT,
+                   help="the agent's --tcp-intercept in effect (Stats.iptables.tcp_intercept "
+                   "of /v1/agent/self): with sk-lookup it installs no TCP rule (default "
+                   "redirect: the whole set)")
     p.add_argument("--ambassador", action="store_true", help="with the agent's ambassador omni "
                    "mode rule (agent defaults for its listening ports)")
     p.add_argument("--bridge-ip", default="", help="the bridge address omni mode takes "

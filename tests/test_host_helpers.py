@@ -24,6 +24,13 @@ def test_iptables_print_is_the_agents_transaction() -> None:
         RedirectRules("240.0.0.0/4", 10000, 0xC0A), "")
 
 
+def test_iptables_print_with_sk_lookup_leaves_tcp_out() -> None:
+    printed = subprocess.run([*CLI, "iptables", "--print", "--tcp-intercept", "sk-lookup"],
+                             capture_output=True, text=True, check=True).stdout
+    assert printed == install_script(RedirectRules("240.0.0.0/4", 10000, 0xC0A, tcp=False), "")
+    assert "-p tcp" not in printed and "-p udp -j CONSULATE-UDP" in printed
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (("10.0.0.0/33", 10000, "0xc0a"), "--vip-cidr '10.0.0.0/33' is not an IPv4 network"),
     (("240.0.0.0/4", 0, "0xc0a"), "--proxy-port 0 must be from 1 to 65535"),
