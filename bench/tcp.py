@@ -160,15 +160,18 @@ def _start(env: peers.Env, name: str) -> peers.Running:
 def _prepare(lab: labs.Lab) -> None:
     """Make the conditions every variant shares explicit rather than history-dependent.
 
-    - A no-op nat rule in h1: an agent leaves the nat base chains behind when it
-      stops, which turns conntrack on for all later traffic (bridged c2 -> c1
-      included); with the rule, every variant pays for conntrack from the start.
+    - Conntrack on in h1 for every variant, as on any Docker host (Docker's own
+      MASQUERADE rule turns it on) and as the agent's UDP rules do: a MASQUERADE
+      rule for a source that never occurs (TEST-NET-1). A nat rule without a
+      conntrack target or match does not do it: with iptables-nft the nat hooks
+      then run but no packet is tracked, so the proxies other than consulate,
+      and the direct path, would be measured without conntrack's per-packet work.
     - tcp_tw_reuse in c2: a client that closes first keeps a TIME_WAIT socket per
       connection; once they cover its ephemeral ports, each connect() scans them
       all and the load generator, not the proxy, sets the connection rate.
     """
-    lab.exec(peers.HOST, ["iptables", "-t", "nat", "-A", "POSTROUTING", "-j", "ACCEPT"],
-             check=True)
+    lab.exec(peers.HOST, ["iptables", "-t", "nat", "-A", "POSTROUTING", "-s", "192.0.2.0/24",
+                          "-j", "MASQUERADE"], check=True)
     lab.exec(peers.CLIENT, ["sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1"], check=True)
 
 
@@ -255,9 +258,10 @@ def _conditions(args: argparse.Namespace, pin: bool, elapsed: float) -> list[tup
                         "order rotated by one per repetition, each started fresh"),
         ("duration", f"{args.duration:g} s per iperf3 / wrk run"),
         ("pinning", pinning),
-        ("conntrack", "h1 has an iptables nat table from the start (a no-op POSTROUTING "
-                      "rule), so every variant, direct included, pays for conntrack as on a "
-                      "host where a consulate agent runs"),
+        ("conntrack", "on in h1 from the start for every variant, direct included, as on "
+                      "any Docker host: a MASQUERADE rule for a source that never occurs "
+                      "(192.0.2.0/24), like Docker's for docker0 (a nat rule without a "
+                      "conntrack target or match would leave conntrack off with iptables-nft)"),
         ("client sysctl", "net.ipv4.tcp_tw_reuse=1 in c2 (the default 2 reuses TIME_WAIT "
                           "ports on loopback only): without it a proxy that lets the client "
                           "close first runs c2's ephemeral ports out within ~2 s and the "
