@@ -61,7 +61,7 @@ LISTEN_BACKLOG = 4096  # bursts of new connections wait in the kernel, not refus
 _LOCAL_SHORTAGES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
-@dataclass
+@dataclass(slots=True)
 class _Route:
     """A Python-relayed connection's routing decision."""
 
@@ -71,6 +71,7 @@ class _Route:
     candidates: list[Endpoint]
     pool: ServicePool
     held: Endpoint | None = None  # counted open in its pool (least_conn, p2c)
+    task: asyncio.Task[None] | None = None  # the one connecting it (its deadline's)
 
     def hold(self, endpoint: Endpoint) -> None:
         self.pool.connecting(endpoint)
@@ -240,9 +241,9 @@ class TransparentProxy:
         counters.pending_active += 1
         client.on_bytes = counters.count_to_upstream
         client.on_done = functools.partial(self._closed, route)
-        task = asyncio.get_running_loop().create_task(self._connect_and_join(client, route))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task = route.task = asyncio.get_running_loop().create_task(
+            self._connect_and_join(client, route))
+        self._tasks.add(task)  # until it returns (close() cancels those still there)
 
     def _closed(self, route: _Route) -> None:
         self._active -= 1
@@ -316,15 +317,25 @@ class TransparentProxy:
             reset(client.transport)
         finally:
             route.counters.pending_active -= 1
+            self._tasks.discard(route.task)
 
     async def _try_endpoint(self, client: RelaySide, endpoint: Endpoint,
                             route: _Route) -> bool:
-        """Connect to one endpoint and relay it with ``client``; False when it failed."""
+        """Connect to one endpoint and relay it with ``client``; False when it failed.
+
+        The connect timeout is a shared deadline (proxy/deadlines.py), not an
+        ``asyncio.timeout`` of its own: it cancels the task, and the
+        CancelledError it causes becomes the TimeoutError here.
+        """
         address = (endpoint.address, endpoint.port)
         counters = route.counters
+        deadlines, task = self._python.deadlines, route.task
+        assert task is not None
         route.hold(endpoint)
+        deadlines.start(task, self._connect_timeout)
+        expired = False
         try:
-            async with asyncio.timeout(self._connect_timeout):
+            try:
                 if self._mark and self._inside_vips(endpoint.address):
                     # Only a connection to an address inside the VIP range needs the
                     # mark that exempts it from REDIRECT (uvloop cannot set it before
@@ -334,23 +345,36 @@ class TransparentProxy:
                 else:
                     await self._python.join(client, counters.count_to_client,
                                             address=address)
-            route.pool.connected(endpoint)
-            return True
-        except (OSError, TimeoutError) as exc:
-            route.release()
-            counters.connect_failures += 1
-            reason = "timeout" if isinstance(exc, TimeoutError) else exc.strerror or repr(exc)
-            log.warning("event=connect-failed service=%s endpoint=%s address=%s:%d error=%r",
-                        endpoint.service, endpoint.id, endpoint.address, endpoint.port, reason)
-            if isinstance(exc, OSError) and exc.errno in _LOCAL_SHORTAGES:
-                return False  # no socket to try with: not the endpoint's failure
-            service = self.table.service(route.service)
-            ejection = route.pool.failed(endpoint, service.tcp_endpoints if service else ())
-            if ejection is not None:
-                counters.ejections += 1
-                self._log_ejection(route.service, ejection)
-                self._schedule_returns(route.service)
+            finally:
+                expired = deadlines.stop(task)
+        except asyncio.CancelledError:
+            if not expired:
+                raise
+            task.uncancel()
+            self._connect_failed(endpoint, route, TimeoutError())
             return False
+        except OSError as exc:
+            self._connect_failed(endpoint, route, exc)
+            return False
+        route.pool.connected(endpoint)
+        return True
+
+    def _connect_failed(self, endpoint: Endpoint, route: _Route, exc: OSError) -> None:
+        """Count and log a failed connect; eject the endpoint if it keeps failing."""
+        counters = route.counters
+        route.release()
+        counters.connect_failures += 1
+        reason = "timeout" if isinstance(exc, TimeoutError) else exc.strerror or repr(exc)
+        log.warning("event=connect-failed service=%s endpoint=%s address=%s:%d error=%r",
+                    endpoint.service, endpoint.id, endpoint.address, endpoint.port, reason)
+        if exc.errno in _LOCAL_SHORTAGES:
+            return  # no socket to try with: not the endpoint's failure
+        service = self.table.service(route.service)
+        ejection = route.pool.failed(endpoint, service.tcp_endpoints if service else ())
+        if ejection is not None:
+            counters.ejections += 1
+            self._log_ejection(route.service, ejection)
+            self._schedule_returns(route.service)
 
     def _schedule_returns(self, name: str) -> None:
         """Wake up when the service's next ejected endpoint is due back."""
