@@ -85,6 +85,11 @@ class OutlierDetector(Generic[K]):
         """The endpoints out of the pool now (until ``release_due`` returns them)."""
         return frozenset(self._ejected)
 
+    @property
+    def any_ejected(self) -> bool:
+        """Whether any endpoint is out now (cheaper than ``ejected`` for the common no)."""
+        return bool(self._ejected)
+
     def ejected_in(self, pool: Collection[K]) -> int:
         return sum(1 for key in self._ejected if key in pool)
 

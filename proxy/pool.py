@@ -27,12 +27,17 @@ class ServicePool:
         self.outlier: OutlierDetector[Key] = OutlierDetector(policy, clock)
         self.active: dict[Key, int] = {}
         self._known: Sequence[object] = ()
+        # What most picks bring (no client hash, nothing ejected): made once, not per
+        # connection (``active`` is the live dict itself).
+        self._plain = PickContext(active=self.active)
 
     def candidates(self, endpoints: Sequence[U], limit: int, client: str) -> list[U]:
         """The endpoints to try for a connection from ``client``, in order."""
         if endpoints is not self._known:  # the table replaces the tuple on every change
             self._known = endpoints
             self.outlier.forget({key_of(e) for e in endpoints})
+        if self.lb != "hash" and not self.outlier.any_ejected:
+            return self.balancer.candidates(endpoints, limit, self._plain)
         context = PickContext(client=ipv4_int(client) if self.lb == "hash" else 0,
                               active=self.active, ejected=self.outlier.ejected)
         return self.balancer.candidates(endpoints, limit, context)

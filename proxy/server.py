@@ -88,6 +88,14 @@ class _Route:
         self.release()
 
 
+def _vip_in(vips: ipaddress.IPv4Network) -> Callable[[str], ipaddress.IPv4Address | None]:
+    """Parses an address, None when it is not in ``vips``."""
+    def vip_of(address: str) -> ipaddress.IPv4Address | None:
+        parsed = ipaddress.IPv4Address(address)
+        return parsed if parsed in vips else None
+    return vip_of
+
+
 class TransparentProxy:
     """Routes REDIRECTed connections by VIP to the service's endpoints."""
 
@@ -122,9 +130,10 @@ class TransparentProxy:
         self._tasks: set[asyncio.Task[None]] = set()
         self._python = PythonRelay()
         vips = table.vip_network
-        # Endpoint addresses repeat: parse each once, not per connection.
+        # Endpoint addresses and VIPs repeat: parse each once, not per connection.
         self._inside_vips = functools.lru_cache(maxsize=4096)(
             lambda address: ipaddress.IPv4Address(address) in vips)
+        self._vip_of = functools.lru_cache(maxsize=4096)(_vip_in(vips))
 
     @property
     def relay_name(self) -> str:
@@ -414,8 +423,8 @@ class TransparentProxy:
         if self._steering is None:
             return original_dst(transport.get_extra_info("socket"))
         address, port = transport.get_extra_info("sockname")[:2]
-        vip = ipaddress.IPv4Address(address)
-        if vip not in self.table.vip_network:
+        vip = self._vip_of(address)
+        if vip is None:
             raise ValueError(f"{address}:{port} is not in the VIP range: not steered here")
         return vip, port
 
