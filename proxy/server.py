@@ -8,7 +8,8 @@ back with SO_ORIGINAL_DST (proxy/origdst.py). With the native engine
 the per-connection path runs entirely in C: the proxy lends the engine its
 listening socket and publishes, at every RouteTable change, the table the engine
 routes by (VIP -> service id -> endpoints); Python keeps the decisions (which
-endpoints, in which order of preference) and hears back only what it must log.
+endpoints, in which order of preference) and hears back only what it must log
+(proxy/engine_link.py).
 With the Python relay, uvloop accepts and makes the client's transport; the
 proxy routes it in ``connection_made`` and joins the upstream once connected (what
 the client sends meanwhile waits in the relay, its reading paused).
@@ -24,24 +25,20 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
-from consulate.native.model import LIMITS, EngineRoute, RelayResult
-from consulate.proxy import sklookup
-from consulate.proxy.balance import LB_NAMES
+from consulate.proxy import proxy_log, sklookup
+from consulate.proxy.engine_link import EngineLink
 from consulate.proxy.limits import (
     MAX_CONNECTIONS,
     MAX_PENDING_PER_SERVICE,
     ConnectionLimits,
-    Episode,
     LimitEpisodes,
-    cleared_line,
-    reached_line,
 )
 from consulate.proxy.origdst import original_dst
-from consulate.proxy.outlier import Ejection, OutlierPolicy
+from consulate.proxy.outlier import OutlierPolicy
 from consulate.proxy.pool import ServicePool
 from consulate.proxy.relay import ClientSide, PythonRelay, RelaySide, reset
 from consulate.proxy.sklookup import REDIRECT, SK_LOOKUP
@@ -113,7 +110,7 @@ class TransparentProxy:
         self.table = table
         self.stats = ProxyStats()
         self.limits = limits if limits is not None else ConnectionLimits()
-        self._episodes = LimitEpisodes()  # the Python relay's (the engine keeps its own)
+        self._episodes = LimitEpisodes()  # limit episodes, as logged (either relay)
         self._active = 0  # connections the Python relay admitted and has not closed
         self._outlier = outlier if outlier is not None else OutlierPolicy()
         self._pools: dict[str, ServicePool] = {}  # the Python relay's, by service
@@ -125,7 +122,8 @@ class TransparentProxy:
         self._attempts = attempts
         self._listener: socket.socket | None = None
         self._server: asyncio.AbstractServer | None = None
-        self._service_ids: dict[str, int] = {}  # the engine's counters are indexed by these
+        self._link = (EngineLink(engine, table, self.limits, self._episodes)
+                      if engine is not None else None)
         self._unsubscribe: Callable[[], None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._python = PythonRelay()
@@ -172,9 +170,10 @@ class TransparentProxy:
                 lambda: self._python.client(on_made=self._route_client), sock=listener,
                 backlog=LISTEN_BACKLOG)
         else:
-            loop.add_reader(self._engine.notify_fd, self._engine_results)
-            self._publish_routes(self.table.version)
-            self._unsubscribe = self.table.subscribe(self._publish_routes)
+            assert self._link is not None
+            loop.add_reader(self._engine.notify_fd, self._link.log_reports)
+            self._link.publish_routes()
+            self._unsubscribe = self.table.subscribe(self._link.publish_routes)
             self._engine.listen(listener, mark=self._mark, attempts=self._attempts,
                                 marked_network=str(self.table.vip_network),
                                 max_connections=self.limits.max_connections,
@@ -212,15 +211,16 @@ class TransparentProxy:
         self._python.close()
         if self._engine is not None:
             loop.remove_reader(self._engine.notify_fd)
-            self._log_engine_reports(self._engine.poll())
-            self._merge_engine_counters()
+            assert self._link is not None
+            self._link.log_reports()
+            self._link.merge_counters(self.stats)
             self._engine.close()
             self._engine = None
 
     def stats_snapshot(self) -> dict[str, object]:
         """The proxy's counters, whichever relay counted them."""
-        if self._engine is not None:
-            self._merge_engine_counters()
+        if self._engine is not None and self._link is not None:
+            self._link.merge_counters(self.stats)
         for name, pool in self._pools.items():
             self.stats.of(name).ejections_active = len(pool.outlier.ejected)
         return self.stats.snapshot()
@@ -264,20 +264,12 @@ class TransparentProxy:
         reset(transport)
         episode = self._episodes.refused(limit, service, value, time.monotonic())
         if episode is not None:
-            self._log_limit_reached(episode)
+            proxy_log.limit_reached(episode)
 
     def _limit_admitted(self, limit: str, service: str) -> None:
         episode = self._episodes.admitted(limit, service)
         if episode is not None:
-            self._log_limit_cleared(episode, time.monotonic())
-
-    @staticmethod
-    def _log_limit_reached(episode: Episode) -> None:
-        log.warning(reached_line(episode))
-
-    @staticmethod
-    def _log_limit_cleared(episode: Episode, now: float) -> None:
-        log.warning(cleared_line(episode, now))
+            proxy_log.limit_cleared(episode, time.monotonic())
 
     def _route(self, transport: asyncio.Transport) -> _Route | None:
         """Where this connection goes, or None after resetting it (logged, counted)."""
@@ -382,7 +374,7 @@ class TransparentProxy:
         ejection = route.pool.failed(endpoint, service.tcp_endpoints if service else ())
         if ejection is not None:
             counters.ejections += 1
-            self._log_ejection(route.service, ejection)
+            proxy_log.ejected(self.table, route.service, ejection)
             self._schedule_returns(route.service)
 
     def _schedule_returns(self, name: str) -> None:
@@ -403,20 +395,8 @@ class TransparentProxy:
         if pool is None:
             return
         for address, port in pool.outlier.release_due():
-            self._log_return(name, address, port)
+            proxy_log.returned(self.table, name, address, port)
         self._schedule_returns(name)
-
-    def _log_ejection(self, name: str, ejection: Ejection[tuple[str, int]]) -> None:
-        """One line per ejection, with Envoy's outlier-event fields."""
-        address, port = ejection.key
-        log.warning("event=eject service=%s endpoint=%s address=%s:%d "
-                    "type=consecutive_connect_failure failures=%d num_ejections=%d "
-                    "ejection_time=%.3f", name, self._endpoint_id(name, address, port),
-                    address, port, ejection.failures, ejection.ejections, ejection.seconds)
-
-    def _log_return(self, name: str, address: str, port: int) -> None:
-        log.info("event=uneject service=%s endpoint=%s address=%s:%d", name,
-                 self._endpoint_id(name, address, port), address, port)
 
     def _destination(self, transport: asyncio.Transport) -> tuple[ipaddress.IPv4Address, int]:
         """The VIP and port the client asked for (OSError or ValueError: not a VIP's)."""
@@ -441,96 +421,3 @@ class TransparentProxy:
             sock.close()
             raise
         return sock
-
-    # -- native engine: routes out, counters and reports in -----------------------
-
-    def _publish_routes(self, _version: int) -> None:
-        """Give the engine the table it routes by, rebuilt from the RouteTable."""
-        assert self._engine is not None
-        routes = []
-        for service in self.table.services():
-            service_id = self._service_ids.setdefault(service.name, len(self._service_ids))
-            routes.append(EngineRoute(service_id, str(service.vip),
-                                      [(e.address, e.port) for e in service.tcp_endpoints],
-                                      lb=LB_NAMES.index(service.lb),
-                                      weights=[e.weight for e in service.tcp_endpoints]))
-        self._engine.set_routes(routes)
-
-    def _merge_engine_counters(self) -> None:
-        assert self._engine is not None
-        names = sorted(self._service_ids, key=self._service_ids.__getitem__)
-        for name, counters in zip(names, self._engine.service_counters(len(names)),
-                                  strict=False):
-            self.stats.services[name] = ServiceCounters(**asdict(counters))
-        engine_stats = self._engine.stats()
-        self.stats.unrouted = engine_stats.unrouted
-        self.stats.overflow = engine_stats.overflow
-
-    def _engine_results(self) -> None:
-        assert self._engine is not None
-        self._log_engine_reports(self._engine.poll())
-
-    def _endpoint_id(self, service_name: str, address: str, port: int) -> str:
-        """The id of the endpoint the engine tried ("?" if it has left the table since)."""
-        service = self.table.service(service_name)
-        for endpoint in service.tcp_endpoints if service is not None else ():
-            if (endpoint.address, endpoint.port) == (address, port):
-                return endpoint.id
-        return "?"
-
-    def _engine_limit_report(self, result: RelayResult, name: str) -> None:
-        """The engine reports an episode's first refusal and its end (with the count
-        of refusals): log them as the Python relay does, timed here."""
-        limit = LIMITS[result.error]
-        now = time.monotonic()
-        if limit == "descriptors":  # accepts paused after EMFILE/ENFILE, and resumed
-            log.warning("event=accept-resumed failures=%d", result.failures)
-            return
-        service = name if limit == MAX_PENDING_PER_SERVICE else ""
-        value = (self.limits.max_pending_per_service if service
-                 else self.limits.max_connections)
-        if result.reason == "limit-reached":
-            episode = self._episodes.refused(limit, service, value, now)
-            if episode is not None:
-                self._log_limit_reached(episode)
-            return
-        episode = self._episodes.admitted(limit, service)
-        if episode is not None:
-            episode.refused = result.failures
-            self._log_limit_cleared(episode, now)
-
-    def _log_engine_reports(self, results: Sequence[RelayResult]) -> None:
-        """Log what the engine refused or failed to connect, as the Python path does."""
-        names = {service_id: name for name, service_id in self._service_ids.items()}
-        for result in results:
-            client, (vip, port) = result.client, result.destination
-            name = names.get(result.service, "?")
-            if result.reason == "unrouted":
-                reason = "unknown-vip" if result.error == 0 else "no-original-destination"
-                log.warning("event=reject client=%s:%d destination=%s:%d reason=%s", *client,
-                            vip, port, reason)
-            elif result.reason == "no-endpoints":
-                log.warning("event=reject client=%s:%d service=%s vip=%s reason=no-endpoints",
-                            *client, name, vip)
-            elif result.reason == "accept-failed":  # then paused, until an accept works
-                log.warning("event=accept-failed error=%r action=pause-accept",
-                            os.strerror(result.error))
-            elif result.reason in ("limit-reached", "limit-cleared"):
-                self._engine_limit_report(result, name)
-                continue
-            elif result.reason == "ejected":
-                self._log_ejection(name, Ejection(result.candidates[0], result.failures,
-                                                  result.ejections, result.ejection_time))
-                continue
-            elif result.reason == "returned":
-                self._log_return(name, *result.candidates[0])
-                continue
-            for i, (address, endpoint_port) in enumerate(result.candidates):
-                if result.failed_mask & (1 << i):
-                    log.warning("event=connect-failed service=%s endpoint=%s address=%s:%d",
-                                name, self._endpoint_id(name, address, endpoint_port),
-                                address, endpoint_port)
-            if result.reason == "connect-failed":
-                log.warning("event=reject client=%s:%d service=%s reason=all-attempts-failed "
-                            "attempts=%d error=%r", *client, name, len(result.candidates),
-                            os.strerror(result.error))
