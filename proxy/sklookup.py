@@ -33,14 +33,11 @@ from __future__ import annotations
 import ctypes
 import errno
 import ipaddress
-import logging
 import os
 import socket
 import struct
 import sys
 from dataclasses import dataclass
-
-log = logging.getLogger("consulate.sklookup")
 
 # How connections to VIPs reach the proxy (``--tcp-intercept``): auto tries
 # sk-lookup and falls back to iptables REDIRECT where the kernel or privileges refuse.
@@ -157,10 +154,6 @@ def _attr() -> ctypes.Array[ctypes.c_char]:
     return ctypes.create_string_buffer(_ATTR_SIZE)
 
 
-def _address(buffer: ctypes.Array[ctypes.c_char]) -> int:
-    return ctypes.addressof(buffer)
-
-
 @dataclass
 class SkLookup:
     """The loaded program, its socket map and the link that attaches it to the netns.
@@ -226,7 +219,7 @@ def _load(bpf: _Bpf, code: bytes) -> int:
     log_buffer = ctypes.create_string_buffer(_LOG_SIZE)
     attr = _attr()
     struct.pack_into("<IIQQ", attr, 0, _BPF_PROG_TYPE_SK_LOOKUP, len(code) // 8,
-                     _address(insns), _address(license_text))
+                     ctypes.addressof(insns), ctypes.addressof(license_text))
     struct.pack_into("<16s", attr, 48, b"consulate_vips")
     struct.pack_into("<I", attr, 68, _BPF_SK_LOOKUP)
     try:
@@ -234,7 +227,7 @@ def _load(bpf: _Bpf, code: bytes) -> int:
     except OSError as exc:
         if exc.errno != errno.EACCES and exc.errno != errno.EINVAL:
             raise _refused(exc, "load its program") from None
-        struct.pack_into("<IIQ", attr, 24, 1, _LOG_SIZE, _address(log_buffer))
+        struct.pack_into("<IIQ", attr, 24, 1, _LOG_SIZE, ctypes.addressof(log_buffer))
         try:
             return bpf.call(_BPF_PROG_LOAD, attr)
         except OSError as again:

@@ -72,6 +72,18 @@ def test_refusals_say_what_to_do(err: int, says: str) -> None:
     assert str(refused).endswith(f"could not load its program (why): {says}")
 
 
+def test_a_program_the_verifier_refuses_is_reported_with_its_log() -> None:
+    # r0 never set before exit: loading only (nothing is attached anywhere)
+    bad = struct.pack("<BBhi", 0x95, 0, 0, 0)
+    with pytest.raises(sklookup.SkLookupError) as refused:
+        sklookup._load(sklookup._Bpf(), bad)
+    assert refused.value.errno == errno.EACCES
+    assert str(refused.value).startswith(
+        "the kernel refused the sk_lookup program (Permission denied): ")
+    assert "R0 !read_ok" in str(refused.value)
+    assert str(refused.value).endswith("; use --tcp-intercept redirect")
+
+
 @pytest.fixture(scope="module")
 def lab() -> Iterator[labmod.Lab]:
     with labmod.up(hosts=1, containers=1) as built:
