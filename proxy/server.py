@@ -115,27 +115,26 @@ class TransparentProxy:
         self._outlier = outlier if outlier is not None else OutlierPolicy()
         self._pools: dict[str, ServicePool] = {}  # the Python relay's, by service
         self._return_timers: dict[str, asyncio.TimerHandle] = {}
-        self._engine = engine
         self._mark = mark
         self._steering: sklookup.SkLookup | None = None  # while sk_lookup brings connections
         self._connect_timeout = connect_timeout
         self._attempts = attempts
         self._listener: socket.socket | None = None
         self._server: asyncio.AbstractServer | None = None
+        # The native engine, when there is one, and what passes between it and the proxy.
         self._link = (EngineLink(engine, table, self.limits, self._episodes)
                       if engine is not None else None)
         self._unsubscribe: Callable[[], None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._python = PythonRelay()
         vips = table.vip_network
-        # Endpoint addresses and VIPs repeat: parse each once, not per connection.
-        self._inside_vips = functools.lru_cache(maxsize=4096)(
-            lambda address: ipaddress.IPv4Address(address) in vips)
+        # Endpoint addresses and VIPs repeat: parse each once, not per connection
+        # (None: not in the VIP range).
         self._vip_of = functools.lru_cache(maxsize=4096)(_vip_in(vips))
 
     @property
     def relay_name(self) -> str:
-        return "native" if self._engine is not None else "python"
+        return "native" if self._link is not None else "python"
 
     @property
     def intercept(self) -> str:
@@ -165,16 +164,15 @@ class TransparentProxy:
                     self._listener = None
                     raise
                 log.warning("event=sk-lookup-unavailable action=use-redirect error=%r", str(exc))
-        if self._engine is None:
+        if self._link is None:
             self._server = await loop.create_server(
                 lambda: self._python.client(on_made=self._route_client), sock=listener,
                 backlog=LISTEN_BACKLOG)
         else:
-            assert self._link is not None
-            loop.add_reader(self._engine.notify_fd, self._link.log_reports)
+            loop.add_reader(self._link.engine.notify_fd, self._link.log_reports)
             self._link.publish_routes()
             self._unsubscribe = self.table.subscribe(self._link.publish_routes)
-            self._engine.listen(listener, mark=self._mark, attempts=self._attempts,
+            self._link.engine.listen(listener, mark=self._mark, attempts=self._attempts,
                                 marked_network=str(self.table.vip_network),
                                 max_connections=self.limits.max_connections,
                                 max_pending=self.limits.max_pending_per_service,
@@ -194,8 +192,8 @@ class TransparentProxy:
             self._server.close()  # closes the listener too
             self._server = None
         if self._listener is not None:
-            if self._engine is not None:
-                self._engine.unlisten()
+            if self._link is not None:
+                self._link.engine.unlisten()
             self._listener.close()
             self._listener = None
         if self._steering is not None:
@@ -209,17 +207,16 @@ class TransparentProxy:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         self._python.close()
-        if self._engine is not None:
-            loop.remove_reader(self._engine.notify_fd)
-            assert self._link is not None
+        if self._link is not None:
+            loop.remove_reader(self._link.engine.notify_fd)
             self._link.log_reports()
             self._link.merge_counters(self.stats)
-            self._engine.close()
-            self._engine = None
+            self._link.engine.close()
+            self._link = None
 
     def stats_snapshot(self) -> dict[str, object]:
         """The proxy's counters, whichever relay counted them."""
-        if self._engine is not None and self._link is not None:
+        if self._link is not None:
             self._link.merge_counters(self.stats)
         for name, pool in self._pools.items():
             self.stats.of(name).ejections_active = len(pool.outlier.ejected)
@@ -337,7 +334,7 @@ class TransparentProxy:
         expired = False
         try:
             try:
-                if self._mark and self._inside_vips(endpoint.address):
+                if self._mark and self._vip_of(endpoint.address) is not None:
                     # Only a connection to an address inside the VIP range needs the
                     # mark that exempts it from REDIRECT (uvloop cannot set it before
                     # connecting, so this rare case connects its own socket).
