@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Iterator, Sequence
@@ -59,7 +60,10 @@ class EtcdProcess:
                  "--advertise-client-urls", self.client_url,
                  "--listen-peer-urls", self.peer_url,
                  "--initial-advertise-peer-urls", self.peer_url,
-                 "--initial-cluster", self._cluster],
+                 "--initial-cluster", self._cluster,
+                 # A member cut off keeps starting elections; without pre-vote its
+                 # higher term deposes the leader when it returns (etcd >= 3.5's default).
+                 "--pre-vote"],
                 stdout=log, stderr=subprocess.STDOUT)
         return self
 
@@ -87,6 +91,12 @@ class EtcdProcess:
         """Compact history up to the current revision (old watch positions become invalid)."""
         revision = json.loads(self._etcdctl("-w", "json", "get", "x").stdout)["header"]["revision"]
         self._etcdctl("compact", str(revision)).check_returncode()
+
+    def freeze(self, frozen: bool = True) -> None:
+        """Stop (SIGSTOP) or resume (SIGCONT) the member: a hung server whose kernel
+        still holds its connections open, which no reset announces to its clients."""
+        assert self._process is not None
+        self._process.send_signal(signal.SIGSTOP if frozen else signal.SIGCONT)
 
     def stop(self) -> None:
         stop_process(self._process)

@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
+import shutil
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -223,6 +226,83 @@ async def test_etcd_watch_survives_a_restart_and_reports_what_vanished(
         finally:
             await registry.close()
             await other.close()
+
+
+async def test_etcd_watch_follows_an_etcd_back_without_its_data(tmp_path: Path) -> None:
+    """etcd restarted empty counts its revisions from 1 again: the watch reads the set
+    when it can and follows from there (not from its old, higher position), so the
+    old instances go down and a new one comes up."""
+    with EtcdProcess(tmp_path / "etcd", "127.42.0.5") as etcd:
+        registry = EtcdRegistry([etcd.endpoint])
+        other = EtcdRegistry([etcd.endpoint])
+        changes = registry.watch()
+        try:
+            for n in range(1, 6):
+                await other.register(web(n))
+            snapshot = await anext(changes)
+            assert [i.id for i in snapshot.instances] == [f"web-{n}" for n in range(1, 6)]
+            etcd.stop()
+            shutil.rmtree(tmp_path / "etcd" / "data")
+            pending = asyncio.ensure_future(anext(changes))
+            await asyncio.sleep(1)  # the watch retries against nothing meanwhile
+            etcd.start()
+            await other.register(web(9))
+            seen: list[tuple[str, str]] = []
+            change = await asyncio.wait_for(pending, 30)
+            while True:
+                seen += [(change.kind, i.id) for i in change.instances]
+                if ("up", "web-9") in seen:
+                    break
+                change = await asyncio.wait_for(anext(changes), 30)
+            assert sorted(seen) == [("down", f"web-{n}") for n in range(1, 6)] + [("up", "web-9")]
+        finally:
+            await changes.aclose()  # type: ignore[attr-defined]
+            await registry.close()
+            await other.close()
+
+
+async def test_etcd_watch_survives_a_hung_member(tmp_path: Path,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """A member that hangs (SIGSTOP: its connections stay open, nothing resets them)
+    stalls an established watch stream: keepalive finds it dead, the watch reports it
+    and each failed attempt after it (watch creations that time out), and delivers
+    the next change once the member answers again."""
+    caplog.set_level(logging.WARNING, "consulate.registry.etcd")
+    with EtcdProcess(tmp_path / "etcd", "127.42.0.4") as etcd:
+        registry = EtcdRegistry([etcd.endpoint])
+        other = EtcdRegistry([etcd.endpoint])
+        changes = registry.watch()
+        pending: asyncio.Future[Any] | None = None
+        try:
+            await anext(changes)  # the snapshot
+            await other.register(web(1))
+            first = await asyncio.wait_for(anext(changes), 10)  # the stream is up
+            assert (first.kind, first.instances[0].id) == ("up", "web-1")
+            pending = asyncio.ensure_future(anext(changes))
+            etcd.freeze()
+            try:
+                deadline = time.monotonic() + 60
+                while len(_reconnects(caplog)) < 2 and time.monotonic() < deadline:
+                    await asyncio.sleep(0.2)
+                assert len(_reconnects(caplog)) >= 2, caplog.text
+                assert not pending.done()
+            finally:
+                etcd.freeze(False)
+            await other.register(web(2))
+            up = await asyncio.wait_for(pending, 30)
+            assert (up.kind, [i.id for i in up.instances]) == ("up", ["web-2"])
+        finally:
+            if pending is not None and not pending.done():
+                pending.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await pending
+            await changes.aclose()  # type: ignore[attr-defined]
+            await registry.close()
+            await other.close()
+
+
+def _reconnects(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "event=watch-reconnect" in r.getMessage()]
 
 
 async def test_etcd_down_is_a_clear_error(tmp_path: Path) -> None:

@@ -22,12 +22,9 @@ from consulate.control.configurator.stores import (
     parse_document,
     pretty,
 )
+from consulate.control.etcd_client import UNAVAILABLE, open_client
 
 T = TypeVar("T")
-REQUEST_TIMEOUT = 5
-_UNAVAILABLE = (aetcd.exceptions.ConnectionFailedError,
-                aetcd.exceptions.ConnectionTimeoutError,
-                aetcd.exceptions.InternalError)
 
 
 class EtcdStore:
@@ -35,17 +32,14 @@ class EtcdStore:
         self.key = f"/{prefix.strip('/')}/config".encode()
         where = ",".join(f"{h}:{p}" for h, p in endpoints)
         self.describe = f"etcd://{where}/{prefix.strip('/')}"
-        host, port = endpoints[-1]
-        if len(endpoints) > 1:  # gRPC's ipv4: resolver fails over between the members
-            host = "ipv4:" + ",".join(f"{h}:{p}" for h, p in endpoints[:-1]) + f",{host}"
-        self._client = aetcd.Client(host=host, port=port, timeout=REQUEST_TIMEOUT)
+        self._client = open_client(endpoints)
 
     async def _call(self, what: str, call: Awaitable[T]) -> T:
         try:
             return await call
-        except _UNAVAILABLE as exc:
+        except UNAVAILABLE as exc:
             raise StoreError(f"KV store {self.describe} is not answering ({what}: "
-                             f"{exc or type(exc).__name__}): start etcd there, or use a "
+                             f"{str(exc) or type(exc).__name__}): start etcd there, or use a "
                              "file:// store") from None
 
     async def load(self) -> Snapshot:
@@ -82,9 +76,9 @@ class EtcdStore:
                         break
         except aetcd.exceptions.RevisionCompactedError:
             pass  # as above
-        except _UNAVAILABLE as exc:
+        except UNAVAILABLE as exc:
             raise StoreError(f"KV store {self.describe}: the watch broke "
-                             f"({exc or type(exc).__name__})") from None
+                             f"({str(exc) or type(exc).__name__})") from None
         finally:
             with contextlib.suppress(Exception):
                 await watch.cancel()

@@ -34,6 +34,7 @@ import aetcd
 import aetcd.exceptions
 import aetcd.rtypes
 
+from consulate.control.etcd_client import UNAVAILABLE, open_client
 from consulate.control.registry.model import (
     Change,
     Instance,
@@ -48,12 +49,8 @@ from consulate.control.registry.model import (
 log = logging.getLogger("consulate.registry.etcd")
 
 DEFAULT_PREFIX = "/consulate"
-REQUEST_TIMEOUT = 5  # seconds per etcd call
 RECONNECT_DELAYS = (0.1, 0.2, 0.5, 1.0, 2.0)  # then 2 s apart, while a watch is down
 
-_UNAVAILABLE = (aetcd.exceptions.ConnectionFailedError,
-                aetcd.exceptions.ConnectionTimeoutError,
-                aetcd.exceptions.InternalError)
 _INDEX_FIELDS = {"create_index", "modify_index"}
 
 
@@ -81,18 +78,8 @@ class EtcdRegistry:
         self._endpoints = list(endpoints)
         self._where = ",".join(f"{host}:{port}" for host, port in endpoints)
         self._prefix = prefix.rstrip("/")
-        self._client = self._new_client()
+        self._client = open_client(self._endpoints)
         self._revision = 0
-
-    def _new_client(self) -> aetcd.Client:
-        host, port = self._endpoints[-1]
-        if len(self._endpoints) > 1:
-            # aetcd dials f"{host}:{port}"; gRPC's ipv4: resolver takes a list of
-            # addresses and fails over between them (pick_first), so one channel
-            # serves the whole cluster.
-            others = ",".join(f"{h}:{p}" for h, p in self._endpoints[:-1])
-            host = f"ipv4:{others},{host}"
-        return aetcd.Client(host=host, port=port, timeout=REQUEST_TIMEOUT)
 
     def start(self) -> None:
         """Nothing to run here: etcd expires the leases of silent instances itself."""
@@ -117,9 +104,10 @@ class EtcdRegistry:
         """Run one etcd call; an unreachable cluster becomes RegistryUnavailable."""
         try:
             result = await call
-        except _UNAVAILABLE as exc:
+        except UNAVAILABLE as exc:
+            detail = str(exc) or type(exc).__name__
             raise RegistryUnavailable(
-                f"etcd at {self._where} is not answering ({what}: {exc or type(exc).__name__}):"
+                f"etcd at {self._where} is not answering ({what}: {detail}):"
                 " start it, or pass --registry embedded"
             ) from None
         header = getattr(result, "header", None)
@@ -160,7 +148,7 @@ class EtcdRegistry:
             ops.append(txn.delete(self._instance_key(found[0].name, instance.id)))
         await self._call("register", self._client.transaction(compare=[], success=ops, failure=[]))
         if found is not None and found[1]:
-            with contextlib.suppress(*_UNAVAILABLE, aetcd.exceptions.ClientError):
+            with contextlib.suppress(*UNAVAILABLE, aetcd.exceptions.ClientError):
                 await self._client.revoke_lease(found[1])  # holds no key any more
         stored = await self._stored(instance.id)
         if stored is None:  # expired or removed in between: report what was written
@@ -180,7 +168,7 @@ class EtcdRegistry:
             txn.delete(self._instance_key(instance.name, instance_id)),
         ]))
         if lease_id:
-            with contextlib.suppress(*_UNAVAILABLE, aetcd.exceptions.ClientError):
+            with contextlib.suppress(*UNAVAILABLE, aetcd.exceptions.ClientError):
                 await self._client.revoke_lease(lease_id)
         index = await self._current_revision()  # a transaction's reply carries none
         log.info("event=deregister id=%s service=%s index=%d", instance_id, instance.name,
@@ -269,7 +257,7 @@ class EtcdRegistry:
         watch = await self._call("watch", self._client.watch_prefix(
             f"{self._prefix}/".encode(), start_revision=index + 1))
         try:
-            with contextlib.suppress(TimeoutError, *_UNAVAILABLE):
+            with contextlib.suppress(TimeoutError, *UNAVAILABLE):
                 async with asyncio.timeout(timeout):
                     async for event in watch:
                         self._revision = max(self._revision, int(event.kv.mod_revision))
@@ -301,17 +289,29 @@ class EtcdRegistry:
                     yield change
             except aetcd.exceptions.RevisionCompactedError:
                 log.warning("event=watch-resync reason=compacted since=%d", position)
-            except (*_UNAVAILABLE, RegistryUnavailable) as exc:
-                delay = RECONNECT_DELAYS[min(failures, len(RECONNECT_DELAYS) - 1)]
+            except (*UNAVAILABLE, RegistryUnavailable) as exc:
+                await self._back_off(failures, exc)
                 failures += 1
-                log.warning("event=watch-reconnect etcd=%s error=%r retry_in=%.1fs",
-                            self._where, str(exc) or type(exc).__name__, delay)
-                await asyncio.sleep(delay)
-            # Whatever broke the stream, read the set again and emit the difference.
-            with contextlib.suppress(RegistryUnavailable):
-                changes, position = await self._resync(known)
-                for change in changes:
-                    yield change
+            # Whatever broke the stream, read the set again and emit the difference,
+            # and follow again only from where a read that got through says: etcd
+            # back without its data counts its revisions from 1 again, and a watch
+            # from the old position would wait for a revision that comes much later.
+            while True:
+                try:
+                    changes, position = await self._resync(known)
+                    break
+                except RegistryUnavailable as exc:
+                    await self._back_off(failures, exc)
+                    failures += 1
+            for change in changes:
+                yield change
+
+    async def _back_off(self, failures: int, exc: Exception) -> None:
+        """Log why the watch is down and wait before its next attempt."""
+        delay = RECONNECT_DELAYS[min(failures, len(RECONNECT_DELAYS) - 1)]
+        log.warning("event=watch-reconnect etcd=%s error=%r retry_in=%.1fs",
+                    self._where, str(exc) or type(exc).__name__, delay)
+        await asyncio.sleep(delay)
 
     async def _follow(self, position: int, known: dict[str, Instance]) -> AsyncIterator[Change]:
         watch = await self._call("watch", self._client.watch_prefix(

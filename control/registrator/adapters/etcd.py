@@ -15,10 +15,9 @@ import json
 import aetcd
 import aetcd.exceptions
 
+from consulate.control.etcd_client import open_client
 from consulate.control.registrator.adapters.base import Adapter, AdapterError
 from consulate.control.registrator.model import Service, is_own_id
-
-REQUEST_TIMEOUT = 5
 
 
 class EtcdAdapter(Adapter):
@@ -28,7 +27,7 @@ class EtcdAdapter(Adapter):
         super().__init__(uri, hostname)
         self.where = f"etcd at {host}:{port}"
         self.root = root.rstrip("/")
-        self._client = aetcd.Client(host=host, port=port, timeout=REQUEST_TIMEOUT)
+        self._client = open_client([(host, port)])
         self._leases: dict[str, int] = {}
 
     def key(self, service: Service) -> str:
