@@ -15,6 +15,7 @@ from aiohttp import web
 
 from consulate.control import discover_api
 from consulate.control.registry import EmbeddedRegistry
+from consulate.control.registry import client as client_module
 from consulate.control.registry.client import (
     RegistryClient,
     RegistryClientError,
@@ -81,6 +82,29 @@ async def test_heartbeats_keep_an_instance_alive_and_close_removes_it(
     assert (live.id, live.addr, live.meta) == (registration.id, "10.0.0.1:80", {"v": "1"})
     await registration.close()
     assert await client.instances("web") == []
+
+
+async def test_closing_the_client_stops_what_it_started(server: Server) -> None:
+    """A registration and a service set left open when the client closes: their tasks
+    end with it (no heartbeat from a closed client), and the instance, not
+    deregistered, expires after its TTL."""
+    client = RegistryClient(server.url)
+    before = asyncio.all_tasks()
+    await client.register("web", "10.0.0.1:80", ttl=1.0)
+    web_set = await client.service_set("web")
+    assert [i.addr for i in web_set.instances] == ["10.0.0.1:80"]
+    await client.close()
+    left = [t for t in asyncio.all_tasks() - before
+            if t.get_coro().cr_code.co_filename == client_module.__file__]  # type: ignore[union-attr]
+    assert left == []
+    instances, _ = await server.registry.instances("web")
+    assert [i.address for i in instances] == ["10.0.0.1"]  # still there: not deregistered
+    for _ in range(50):
+        instances, _ = await server.registry.instances("web")
+        if not instances:
+            break
+        await asyncio.sleep(0.1)
+    assert instances == []
 
 
 async def test_a_killed_client_expires_and_the_leader_moves(

@@ -21,7 +21,7 @@ import json
 import logging
 import random
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,7 +86,7 @@ class Registration:
         self._task: asyncio.Task[None] | None = None
 
     def _start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._heartbeats())
+        self._task = self.client._spawn(self._heartbeats())
 
     async def _heartbeats(self) -> None:
         """Re-PUT the same body: the registry renews it; after an outage it is
@@ -186,6 +186,7 @@ class RegistryClient:
         self._session: aiohttp.ClientSession | None = None
         self._timeout = timeout
         self.connection_events: asyncio.Queue[str] = asyncio.Queue(256)
+        self._tasks: set[asyncio.Task[None]] = set()  # heartbeats and set followers
 
     # -- plumbing ----------------------------------------------------------------
 
@@ -219,7 +220,19 @@ class RegistryClient:
         with contextlib.suppress(asyncio.QueueFull):
             self.connection_events.put_nowait(what)
 
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run background work that ``close`` stops (a task finished is forgotten)."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
     async def close(self) -> None:
+        """Stop every heartbeat and stream this client started, then its connections.
+        Registrations not closed first are not deregistered: they expire after their
+        TTL, as when the process ends."""
+        for task in list(self._tasks):
+            await cancel_and_wait(task)
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -290,7 +303,7 @@ class RegistryClient:
             async for event in self.events(service):
                 await found._apply(event)
 
-        found._task = asyncio.get_running_loop().create_task(follow())
+        found._task = self._spawn(follow())
         try:
             async with asyncio.timeout(timeout):
                 await found._current.wait()
