@@ -16,8 +16,10 @@ from typing import Any
 
 from consulate.control.cli_examples import ExampleFormatter
 from consulate.control.config import ConfigError, parse_hostport
+from consulate.control.etcd_client import open_client
 from consulate.control.registry.client import RegistryClient, RegistryClientError, ServiceSet
 from consulate.proxy.ambassador import DEFAULT_PORT, Ambassador, ServiceRoute
+from consulate.proxy.ambassador_kv import KvWatchers
 from consulate.proxy.ambassador_spec import FORMS, BadSpec, Target, parse_spec
 
 REGISTRY_TIMEOUT = 5.0
@@ -88,6 +90,7 @@ def _cmd_ambassador(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, stop.set)
         services = RegistryServices(RegistryClient(f"http://{http[0]}:{http[1]}"))
         ambassador = Ambassador(spec=args.spec, services=services,
+                                kv=KvWatchers(open_client),
                                 connect_timeout=args.connect_timeout)
         try:
             await ambassador.start(*listen)

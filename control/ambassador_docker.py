@@ -19,6 +19,7 @@ import logging
 from dataclasses import dataclass
 
 from consulate.control.config import AgentConfig, ConfigError
+from consulate.control.etcd_client import open_client
 from consulate.control.host_helpers import bridge_address
 from consulate.control.registrator.docker_source import (
     DockerSource,
@@ -29,6 +30,7 @@ from consulate.control.registrator.docker_source import (
 from consulate.control.tasks import cancel_and_wait
 from consulate.proxy.ambassador import Ambassador, TableServices
 from consulate.proxy.ambassador_callers import Caller, CallerCache, caller_of
+from consulate.proxy.ambassador_kv import KvWatchers
 from consulate.proxy.iptables import AmbassadorRedirect
 from consulate.proxy.table import RouteTable
 
@@ -157,7 +159,7 @@ async def start_omni(config: AgentConfig, table: RouteTable,
         raise ConfigError(f"--ambassador needs Docker: {exc}") from None
     stack.push_async_callback(callers.close)
     server = Ambassador(callers=callers, services=TableServices(table),
-                        connect_timeout=config.connect_timeout)
+                        kv=KvWatchers(open_client), connect_timeout=config.connect_timeout)
     await server.start(*config.ambassador_addr)
     stack.push_async_callback(server.close)
     return OmniAmbassador(server, redirect)

@@ -120,7 +120,7 @@ class Ambassador:
     ``services`` resolves the service names specs give."""
 
     def __init__(self, *, services: ServiceLookup, spec: str | None = None,
-                 callers: CallerLookup | None = None, kv: KvWatchers | None = None,
+                 callers: CallerLookup | None = None, kv: KvWatchers,
                  connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
                  attempts: int = DEFAULT_ATTEMPTS,
                  outlier: OutlierPolicy | None = None) -> None:
@@ -132,7 +132,7 @@ class Ambassador:
         self._spec = spec
         self._callers = callers
         self._services = services
-        self._kv = kv if kv is not None else KvWatchers()
+        self._kv = kv
         self._connect_timeout = connect_timeout
         self._attempts = attempts
         self._outlier = outlier if outlier is not None else OutlierPolicy()

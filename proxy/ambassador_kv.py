@@ -9,6 +9,9 @@ going where they went) and is retried with backoff; only a key that was never
 read refuses connections, with the store's error as the reason.
 
 The value itself (a spec) is parsed by the caller, with proxy/ambassador_spec.py.
+The etcd client comes from the caller too (``open_etcd``): the control plane's
+factory sets the channel's keepalive and reconnect policy, which proxy/ may not
+import.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import warnings
+from collections.abc import Callable, Sequence
 
 import aetcd
 import aetcd.exceptions
@@ -32,6 +36,10 @@ log = logging.getLogger("consulate.ambassador")
 CONSUL_WAIT = "30s"  # one blocking query's longest wait (Consul's default is 5m)
 REQUEST_TIMEOUT = 5.0
 BACKOFF = (0.2, 0.5, 1.0, 2.0, 5.0)  # seconds before retrying a store, then the last
+
+
+EtcdOpener = Callable[[Sequence[tuple[str, int]], float], aetcd.Client]
+"""(members, timeout per call) -> a client of them."""
 
 
 class KvUnavailable(Exception):
@@ -105,12 +113,9 @@ class ConsulKeyWatch(KeyWatch):
 
 
 class EtcdKeyWatch(KeyWatch):
-    def __init__(self, spec: KvSpec) -> None:
+    def __init__(self, spec: KvSpec, open_etcd: EtcdOpener) -> None:
         super().__init__(spec)
-        host, port = spec.endpoints[-1]
-        if len(spec.endpoints) > 1:  # gRPC's ipv4: resolver fails over between the members
-            host = "ipv4:" + ",".join(f"{h}:{p}" for h, p in spec.endpoints[:-1]) + f",{host}"
-        self._client = aetcd.Client(host=host, port=port, timeout=REQUEST_TIMEOUT)
+        self._client = open_etcd(spec.endpoints, REQUEST_TIMEOUT)
         self._key = spec.key.encode()
 
     async def _follow(self) -> None:
@@ -134,8 +139,9 @@ class EtcdKeyWatch(KeyWatch):
 class KvWatchers:
     """The keys watched so far, by spec; each started by the first connection to need it."""
 
-    def __init__(self, read_timeout: float = REQUEST_TIMEOUT) -> None:
+    def __init__(self, open_etcd: EtcdOpener, read_timeout: float = REQUEST_TIMEOUT) -> None:
         self._watches: dict[KvSpec, tuple[KeyWatch, asyncio.Task[None]]] = {}
+        self._open_etcd = open_etcd
         self._read_timeout = read_timeout
 
     async def value(self, spec: KvSpec) -> bytes | None:
@@ -143,7 +149,7 @@ class KvWatchers:
         found = self._watches.get(spec)
         if found is None:
             watch: KeyWatch = ConsulKeyWatch(spec) if spec.scheme == "consul" \
-                else EtcdKeyWatch(spec)
+                else EtcdKeyWatch(spec, self._open_etcd)
             task = asyncio.get_running_loop().create_task(watch.run())
             self._watches[spec] = found = (watch, task)
         watch = found[0]
