@@ -51,7 +51,7 @@ async def test_a_watch_being_created_is_always_cancellable(tmp_path: Path) -> No
             assert lost == 0
             # every watch made in the sweep was cancelled, none left on the stream
             await asyncio.sleep(0.2)
-            assert client._watcher._callbacks == {}  # noqa: SLF001
+            assert client._watcher._callbacks == {}
         finally:
             await client.close()
 
