@@ -14,19 +14,23 @@ goes away or a link is cut:
   (5 s), below which etcd answers "too many pings"; an unanswered ping closes the
   connection after 5 s (this gRPC needs ``ping_timeout_ms`` for that, besides
   ``keepalive_timeout_ms``).
-- Reconnect backoff capped at 2 s (gRPC's default grows to 120 s): a member that
-  comes back is used again within seconds, as Consul's agents retry their servers.
+- Reconnect backoff capped at 2 s (gRPC's default grows to 120 s; gRPC adds 20 %
+  jitter): a member that comes back is used again within seconds, as Consul's
+  agents retry their servers. Each dial still gets 5 s to complete.
 - A watch being created can always be cancelled (``Client.watch``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Sequence
 from typing import Any
 
 import aetcd
 import aetcd.exceptions
+
+log = logging.getLogger("consulate.etcd")
 
 REQUEST_TIMEOUT = 5  # seconds per etcd call (and per watch creation)
 
@@ -36,7 +40,8 @@ CHANNEL_OPTIONS: dict[str, int] = {
     "grpc.http2.max_pings_without_data": 0,  # keep pinging an idle watch stream
     "grpc.http2.ping_timeout_ms": 5_000,
     "grpc.initial_reconnect_backoff_ms": 200,
-    "grpc.min_reconnect_backoff_ms": 200,
+    # gRPC's floor for each dial's own timeout (TCP and HTTP/2 handshake), not a wait.
+    "grpc.min_reconnect_backoff_ms": 5_000,
     "grpc.max_reconnect_backoff_ms": 2_000,
 }
 
@@ -61,8 +66,8 @@ class Client(aetcd.Client):  # type: ignore[misc]  # aetcd has no type informati
     itself every 30 s after ``close()`` had cancelled it, and ``close()`` waited for
     ever (a stuck CI run; measured with plain aetcd: 4 of 120 cancellations timed
     across the acknowledgement were lost). Here the creation runs in a task of its
-    own, awaited through ``asyncio.shield``: the caller's cancellation raises
-    whatever the creation does, and a watch created anyway is cancelled at once.
+    own, awaited through ``asyncio.shield``: the caller's cancellation raises at
+    once, whatever the creation does, and a watch created anyway is cancelled.
     """
 
     async def watch(self, *args: Any, **kwargs: Any) -> Any:
@@ -84,7 +89,14 @@ def _cancel_unwanted_watch(creating: asyncio.Future[Any]) -> None:
         return
     task = asyncio.ensure_future(creating.result().cancel())
     _unwanted_cancels.add(task)
-    task.add_done_callback(_unwanted_cancels.discard)
+    task.add_done_callback(_forget_unwanted_cancel)
+
+
+def _forget_unwanted_cancel(task: asyncio.Task[None]) -> None:
+    """The cancel is best effort: a client closed meanwhile has no watcher left."""
+    _unwanted_cancels.discard(task)
+    if not task.cancelled() and task.exception() is not None:
+        log.debug("event=watch-cancel-failed error=%r", task.exception())
 
 
 def channel_target(endpoints: Sequence[tuple[str, int]]) -> tuple[str, int]:

@@ -227,3 +227,24 @@ async def test_a_stored_document_nested_too_deeply_is_a_store_error(tmp_path: Pa
         await open_store(f"file://{path}").load()
     assert str(caught.value) == (f"file://{path} nests arrays and objects more than 64 "
                                  "levels deep: flatten it")
+
+
+async def test_an_etcd_watch_a_hung_member_never_acknowledges_is_a_store_error(
+    tmp_path: Path,
+) -> None:
+    """A hung member (SIGSTOP) never acknowledges the watch: that is "not answering",
+    the StoreError the configurator's watch retries, not an error that ends it."""
+    with EtcdProcess(tmp_path / "etcd", loopback_address()) as etcd:
+        store = open_store(f"etcd://{etcd.address}:2379/hung")
+        try:
+            seen = await store.load()  # the connection is up before the member hangs
+            etcd.freeze()
+            try:
+                with pytest.raises(StoreError, match=rf"^KV store etcd://{etcd.address}:2379/"
+                                   r"hung is not answering \(watch: WatchTimeoutError\): start "
+                                   r"etcd there, or use a file:// store$"):
+                    await store.wait(seen, 30)
+            finally:
+                etcd.freeze(False)
+        finally:
+            await store.close()

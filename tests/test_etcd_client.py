@@ -50,7 +50,10 @@ async def test_a_watch_being_created_is_always_cancellable(tmp_path: Path) -> No
                         await asyncio.wait({task})
             assert lost == 0
             # every watch made in the sweep was cancelled, none left on the stream
-            await asyncio.sleep(0.2)
+            for _ in range(50):
+                if not client._watcher._callbacks:
+                    break
+                await asyncio.sleep(0.1)
             assert client._watcher._callbacks == {}
         finally:
             await client.close()

@@ -105,6 +105,8 @@ async def test_closing_the_client_stops_what_it_started(server: Server) -> None:
             break
         await asyncio.sleep(0.1)
     assert instances == []
+    with pytest.raises(RegistryClientError, match="is closed"):
+        await client.instances("web")
 
 
 async def test_a_killed_client_expires_and_the_leader_moves(

@@ -231,7 +231,10 @@ async def test_etcd_watch_survives_a_restart_and_reports_what_vanished(
 async def test_etcd_watch_follows_an_etcd_back_without_its_data(tmp_path: Path) -> None:
     """etcd restarted empty counts its revisions from 1 again: the watch reads the set
     when it can and follows from there (not from its old, higher position), so the
-    old instances go down and a new one comes up."""
+    old instances go down and a new one comes up, and the registry's index starts
+    again from etcd's (a blocking query would otherwise wait for an index far ahead).
+    (The old code also followed from its old position when a re-read failed and the
+    watch creation after it did not: that ordering is left to chance here.)"""
     with EtcdProcess(tmp_path / "etcd", "127.42.0.5") as etcd:
         registry = EtcdRegistry([etcd.endpoint])
         other = EtcdRegistry([etcd.endpoint])
@@ -241,6 +244,7 @@ async def test_etcd_watch_follows_an_etcd_back_without_its_data(tmp_path: Path) 
                 await other.register(web(n))
             snapshot = await anext(changes)
             assert [i.id for i in snapshot.instances] == [f"web-{n}" for n in range(1, 6)]
+            before = registry.index
             etcd.stop()
             shutil.rmtree(tmp_path / "etcd" / "data")
             pending = asyncio.ensure_future(anext(changes))
@@ -255,6 +259,12 @@ async def test_etcd_watch_follows_an_etcd_back_without_its_data(tmp_path: Path) 
                     break
                 change = await asyncio.wait_for(anext(changes), 30)
             assert sorted(seen) == [("down", f"web-{n}") for n in range(1, 6)] + [("up", "web-9")]
+            fresh = EtcdRegistry([etcd.endpoint])
+            try:
+                _, revision = await fresh.instances()
+            finally:
+                await fresh.close()
+            assert registry.index == revision < before
         finally:
             await changes.aclose()  # type: ignore[attr-defined]
             await registry.close()
@@ -265,8 +275,8 @@ async def test_etcd_watch_survives_a_hung_member(tmp_path: Path,
                                                  caplog: pytest.LogCaptureFixture) -> None:
     """A member that hangs (SIGSTOP: its connections stay open, nothing resets them)
     stalls an established watch stream: keepalive finds it dead, the watch reports it
-    and each failed attempt after it (watch creations that time out), and delivers
-    the next change once the member answers again."""
+    and each failed attempt after it (re-reads that time out), and delivers the next
+    change once the member answers again."""
     caplog.set_level(logging.WARNING, "consulate.registry.etcd")
     with EtcdProcess(tmp_path / "etcd", "127.42.0.4") as etcd:
         registry = EtcdRegistry([etcd.endpoint])
@@ -282,9 +292,9 @@ async def test_etcd_watch_survives_a_hung_member(tmp_path: Path,
             etcd.freeze()
             try:
                 deadline = time.monotonic() + 60
-                while len(_reconnects(caplog)) < 2 and time.monotonic() < deadline:
+                while len(_reconnects(caplog, etcd)) < 2 and time.monotonic() < deadline:
                     await asyncio.sleep(0.2)
-                assert len(_reconnects(caplog)) >= 2, caplog.text
+                assert len(_reconnects(caplog, etcd)) >= 2, caplog.text
                 assert not pending.done()
             finally:
                 etcd.freeze(False)
@@ -301,8 +311,10 @@ async def test_etcd_watch_survives_a_hung_member(tmp_path: Path,
             await other.close()
 
 
-def _reconnects(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records if "event=watch-reconnect" in r.getMessage()]
+def _reconnects(caplog: pytest.LogCaptureFixture, etcd: EtcdProcess) -> list[str]:
+    """The watch's reconnect lines about this etcd (not another test's)."""
+    mark = f"event=watch-reconnect etcd={etcd.address}:2379 "
+    return [r.getMessage() for r in caplog.records if mark in r.getMessage()]
 
 
 async def test_etcd_down_is_a_clear_error(tmp_path: Path) -> None:

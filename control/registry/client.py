@@ -187,10 +187,13 @@ class RegistryClient:
         self._timeout = timeout
         self.connection_events: asyncio.Queue[str] = asyncio.Queue(256)
         self._tasks: set[asyncio.Task[None]] = set()  # heartbeats and set followers
+        self._closed = False
 
     # -- plumbing ----------------------------------------------------------------
 
     def _http(self) -> aiohttp.ClientSession:
+        if self._closed:
+            raise RegistryClientError(f"the client of {self.url} is closed")
         if self._session is None:
             self._session = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._timeout))
@@ -230,7 +233,9 @@ class RegistryClient:
     async def close(self) -> None:
         """Stop every heartbeat and stream this client started, then its connections.
         Registrations not closed first are not deregistered: they expire after their
-        TTL, as when the process ends."""
+        TTL, as when the process ends. Event streams end; later calls raise
+        RegistryClientError."""
+        self._closed = True
         for task in list(self._tasks):
             await cancel_and_wait(task)
         if self._session is not None:
@@ -270,11 +275,12 @@ class RegistryClient:
         """The service's event stream, reconnecting with backoff when it breaks.
 
         After a reconnect the stream starts again with the current set (up events
-        and ``current``), so a consumer that keeps state rebuilds it.
+        and ``current``), so a consumer that keeps state rebuilds it. It ends when
+        the client is closed.
         """
         failures = 0
         path = f"{self.url}/v1/discover/services/{service}/instances"
-        while True:
+        while not self._closed:
             try:
                 async with self._http().get(
                         path, headers={"Accept": "text/event-stream"}) as response:
@@ -289,6 +295,8 @@ class RegistryClient:
                         if kinds is None or event.kind in kinds:
                             yield event
             except (aiohttp.ClientError, RegistryClientError) as exc:
+                if self._closed:
+                    return
                 if failures == 0:
                     self._signal("disconnected")
                 log.warning("event=stream-broken service=%s error=%s", service, exc)

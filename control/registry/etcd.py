@@ -340,6 +340,10 @@ class EtcdRegistry:
     async def _resync(self, known: dict[str, Instance]) -> tuple[list[Change], int]:
         """The changes that turn ``known`` into the current set (which it becomes)."""
         current, revision = await self.instances()
+        if revision < self._revision:  # etcd is back without its data: count from there
+            log.warning("event=revision-reset etcd=%s from=%d to=%d", self._where,
+                        self._revision, revision)
+            self._revision = revision
         changes = changes_between(known, current, revision)
         known.clear()
         known.update((i.id, i) for i in current)
