@@ -23,6 +23,7 @@ from consulate.control.configurator.stores import (
     parse_document,
     pretty,
 )
+from consulate.control.error_text import error_text
 
 T = TypeVar("T")
 
@@ -43,7 +44,7 @@ class ConsulKVStore:
             return await call
         except (aiohttp.ClientError, OSError, consul.Timeout, consul.ConsulException) as exc:
             raise StoreError(f"KV store {self.describe} is not answering ({what}: "
-                             f"{exc or type(exc).__name__}): start the agent there, or "
+                             f"{error_text(exc)}): start the agent there, or "
                              "use a file:// store") from None
 
     def _snapshot(self, index: Any, data: dict[str, Any] | None) -> Snapshot:

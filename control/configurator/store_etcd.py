@@ -22,6 +22,7 @@ from consulate.control.configurator.stores import (
     parse_document,
     pretty,
 )
+from consulate.control.error_text import error_text
 from consulate.control.etcd_client import UNAVAILABLE, open_client
 
 T = TypeVar("T")
@@ -39,7 +40,7 @@ class EtcdStore:
             return await call
         except UNAVAILABLE as exc:
             raise StoreError(f"KV store {self.describe} is not answering ({what}: "
-                             f"{str(exc) or type(exc).__name__}): start etcd there, or use a "
+                             f"{error_text(exc)}): start etcd there, or use a "
                              "file:// store") from None
 
     async def load(self) -> Snapshot:
@@ -78,7 +79,7 @@ class EtcdStore:
             pass  # as above
         except UNAVAILABLE as exc:
             raise StoreError(f"KV store {self.describe}: the watch broke "
-                             f"({str(exc) or type(exc).__name__})") from None
+                             f"({error_text(exc)})") from None
         finally:
             with contextlib.suppress(Exception):
                 await watch.cancel()

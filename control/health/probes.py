@@ -14,6 +14,7 @@ import contextlib
 
 import aiohttp
 
+from consulate.control.error_text import error_text
 from consulate.control.registry.model import CheckStatus, HealthCheck
 
 OUTPUT_MAX = 4096
@@ -45,7 +46,7 @@ async def http_probe(check: HealthCheck, session: aiohttp.ClientSession) -> Resu
         return "critical", (f"HTTP {check.method} {check.target}: timed out after "
                             f"{check.timeout:g}s")
     except (aiohttp.ClientError, OSError) as exc:
-        return "critical", f"HTTP {check.method} {check.target}: {exc or type(exc).__name__}"
+        return "critical", f"HTTP {check.method} {check.target}: {error_text(exc)}"
 
 
 async def tcp_probe(check: HealthCheck) -> Result:

@@ -27,6 +27,7 @@ from typing import Any
 
 import aiohttp
 
+from consulate.control.error_text import error_text
 from consulate.control.tasks import cancel_and_wait
 
 log = logging.getLogger("consulate.registry.client")
@@ -214,7 +215,7 @@ class RegistryClient:
                 return json.loads(text) if text else None
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise RegistryClientError(f"agent at {self.url} cannot be reached: "
-                                      f"{exc or type(exc).__name__}") from None
+                                      f"{error_text(exc)}") from None
 
     async def _put_instance(self, service: str, instance_id: str, body: dict[str, Any]) -> Any:
         return await self._request("PUT", self._instance_path(service, instance_id), body)

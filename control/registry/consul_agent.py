@@ -27,6 +27,7 @@ import aiohttp
 import consul
 import consul.aio
 
+from consulate.control.error_text import error_text
 from consulate.control.health.consul_json import check_from_entry, registration_check
 from consulate.control.registry.model import (
     Change,
@@ -110,7 +111,7 @@ class ConsulRegistry:
 
     def _failure(self, what: str, exc: BaseException) -> str:
         """Why the agent could not be reached, and what to do about it."""
-        reason = f"{what}: {exc or type(exc).__name__}"
+        reason = f"{what}: {error_text(exc)}"
         # An agent that refuses our client certificate may just hang up.
         hung_up = isinstance(exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
                              ) and not isinstance(exc, aiohttp.ClientConnectorError)

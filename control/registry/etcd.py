@@ -34,6 +34,7 @@ import aetcd
 import aetcd.exceptions
 import aetcd.rtypes
 
+from consulate.control.error_text import error_text
 from consulate.control.etcd_client import UNAVAILABLE, open_client
 from consulate.control.registry.model import (
     Change,
@@ -75,10 +76,9 @@ class EtcdRegistry:
     def __init__(self, endpoints: Sequence[tuple[str, int]], prefix: str = DEFAULT_PREFIX) -> None:
         if not endpoints:
             raise ValueError("etcd needs at least one HOST:PORT endpoint")
-        self._endpoints = list(endpoints)
         self._where = ",".join(f"{host}:{port}" for host, port in endpoints)
         self._prefix = prefix.rstrip("/")
-        self._client = open_client(self._endpoints)
+        self._client = open_client(endpoints)
         self._revision = 0
 
     def start(self) -> None:
@@ -105,9 +105,8 @@ class EtcdRegistry:
         try:
             result = await call
         except UNAVAILABLE as exc:
-            detail = str(exc) or type(exc).__name__
             raise RegistryUnavailable(
-                f"etcd at {self._where} is not answering ({what}: {detail}):"
+                f"etcd at {self._where} is not answering ({what}: {error_text(exc)}):"
                 " start it, or pass --registry embedded"
             ) from None
         header = getattr(result, "header", None)
@@ -310,7 +309,7 @@ class EtcdRegistry:
         """Log why the watch is down and wait before its next attempt."""
         delay = RECONNECT_DELAYS[min(failures, len(RECONNECT_DELAYS) - 1)]
         log.warning("event=watch-reconnect etcd=%s error=%r retry_in=%.1fs",
-                    self._where, str(exc) or type(exc).__name__, delay)
+                    self._where, error_text(exc), delay)
         await asyncio.sleep(delay)
 
     async def _follow(self, position: int, known: dict[str, Instance]) -> AsyncIterator[Change]:
